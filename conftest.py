@@ -1,0 +1,28 @@
+"""Repository-wide pytest setup: notebooks run in smoke mode, CUDA tests skip without a GPU."""
+
+import os
+
+import pytest
+
+# Notebooks executed by pytest (nbmake) inherit this environment: fast sizes, same code path.
+os.environ.setdefault("LOWRANK_SMOKE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not any(item.get_closest_marker("cuda") for item in items):
+        return
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)

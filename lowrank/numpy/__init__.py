@@ -1,0 +1,1 @@
+"""lowrank.numpy: the reference implementation, written to be read (NumPy only, no torch)."""

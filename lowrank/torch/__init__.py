@@ -1,0 +1,1 @@
+"""lowrank.torch: LoRA and QLoRA as PyTorch modules, on CPU and CUDA."""
