@@ -1,0 +1,317 @@
+"""LoRA in NumPy: a frozen linear layer plus a trainable low-rank update, with its backward pass.
+
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685)
+freezes a pre-trained weight W [out, in] and learns its change as a product of two thin
+matrices, B [out, r] @ A [r, in], with r much smaller than in and out:
+
+    y = x W^T + b + scale * dropout(x) A^T B^T        scale = alpha / r
+
+Only A and B train: r * (in + out) numbers instead of in * out. B starts at zero, so a new
+adapter leaves the layer's output exactly as it was; A starts random (like nn.Linear's weight)
+so that gradients reach B from the first step. Dividing by r keeps the update's size roughly
+independent of r, so alpha need not be retuned when r changes; rsLoRA (Kalajdzievski 2023,
+arXiv:2312.03732) argues alpha / sqrt(r) is the scale that keeps learning stable as r grows
+(`use_rslora=True`).
+
+After training, scale * B @ A can be folded into W (`merge`): inference then costs exactly as
+much as the original layer. `unmerge` takes it out again, e.g. to switch adapters.
+
+Also here: `Linear`, an ordinary trainable layer (the tiny model's building block and the
+full fine-tuning baseline), and the helpers `validate_rank` and `kaiming_uniform_A`.
+
+Dtype: layers compute in float64 (the reference precision, needed for gradient checks); a
+float32 weight stays float32, anything else is converted to float64.
+"""
+
+import math
+import numbers
+
+import numpy as np
+
+INITS = ("kaiming", "gaussian")
+
+
+def validate_rank(r: int, in_features: int, out_features: int) -> int:
+    """Return `r` if it is a usable LoRA rank for a [out_features, in_features] weight.
+
+    A rank must be a positive int no larger than min(in, out): B @ A can never have a larger
+    rank, so a bigger r only adds parameters. bool and float are refused too (True is not a
+    rank, and 4.0 is a sign that something upstream computed it): each refusal is a ValueError.
+    """
+    largest = min(in_features, out_features)
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+        raise ValueError(f"rank r must be an int in [1, {largest}], got {r!r} ({type(r).__name__})")
+    if not 1 <= r <= largest:
+        raise ValueError(
+            f"rank r must be in [1, min(in_features, out_features)] = [1, {largest}] "
+            f"for a {out_features}x{in_features} weight, got {r}"
+        )
+    return int(r)
+
+
+def kaiming_uniform_A(
+    r: int, in_features: int, rng: np.random.Generator, dtype: np.dtype = np.float64
+) -> np.ndarray:
+    """A [r, in] drawn as nn.Linear draws its weight: uniform(-1/sqrt(in), 1/sqrt(in)).
+
+    PyTorch initialises nn.Linear (and PEFT initialises lora_A) with
+    kaiming_uniform_(w, a=sqrt(5)). Kaiming uniform draws from uniform(-bound, bound) with
+
+        gain  = sqrt(2 / (1 + a^2))      = sqrt(2 / 6) = 1 / sqrt(3)     (leaky-ReLU gain)
+        std   = gain / sqrt(fan_in)
+        bound = sqrt(3) * std            (a uniform(-c, c) has std c / sqrt(3))
+              = sqrt(3) / sqrt(3) / sqrt(fan_in) = 1 / sqrt(fan_in)
+
+    and for a weight [r, in] the fan-in is `in`. So the whole recipe is 1 / sqrt(in).
+    """
+    bound = 1.0 / np.sqrt(in_features)
+    return rng.uniform(-bound, bound, size=(r, in_features)).astype(dtype, copy=False)
+
+
+def _as_float_array(name: str, value: object, ndim: int) -> np.ndarray:
+    """A float copy of `value` (float32 stays float32, the rest becomes float64)."""
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold real numbers, got dtype {array.dtype}")
+    dtype = np.float32 if array.dtype == np.float32 else np.float64
+    array = np.array(array, dtype=dtype)  # a copy: merge() changes it in place
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{name} contains NaN or inf")
+    return array
+
+
+class Linear:
+    """y = x W^T + b with W [out, in] and b [out] both trainable; nn.Linear's layout and init.
+
+    `Linear(in_features, out_features, rng=rng)` draws W and b from
+    uniform(-1/sqrt(in), 1/sqrt(in)) as nn.Linear does (see `kaiming_uniform_A`). Assign
+    `.weight` / `.bias` to load other values. Set `requires_grad = False` to freeze it: it then
+    has no parameters and its backward returns only dx.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        for name, size in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+                raise ValueError(f"{name} must be a positive int, got {size!r}")
+        rng = np.random.default_rng(0) if rng is None else rng
+        bound = 1.0 / np.sqrt(in_features)
+        self.weight = rng.uniform(-bound, bound, size=(out_features, in_features))  # (out, in)
+        self.bias = rng.uniform(-bound, bound, size=out_features) if bias else None  # (out,)
+        self.requires_grad = True
+        self.grad_weight: np.ndarray | None = None
+        self.grad_bias: np.ndarray | None = None
+        self._x: np.ndarray | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
+        """x (..., in) -> y (..., out). `training` is accepted for a uniform layer interface."""
+        _check_last_dim(x, self.in_features)
+        self._x = x
+        y = x @ self.weight.T  # (..., in) @ (in, out) -> (..., out)
+        return y if self.bias is None else y + self.bias
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        """dL/dy (..., out) -> dL/dx (..., in); sets grad_weight and grad_bias if trainable."""
+        if self._x is None:
+            raise RuntimeError("backward() called before forward()")
+        if self.requires_grad:
+            x2 = self._x.reshape(-1, self.in_features)  # (n, in): all leading dims are a batch
+            dy2 = dy.reshape(-1, self.out_features)  # (n, out)
+            self.grad_weight = dy2.T @ x2  # (out, n) @ (n, in) -> (out, in)
+            self.grad_bias = None if self.bias is None else dy2.sum(axis=0)  # (out,)
+        return dy @ self.weight  # (..., out) @ (out, in) -> (..., in)
+
+    def params(self) -> dict[str, np.ndarray]:
+        """Trainable arrays by name (the live arrays: optimizers update them in place)."""
+        if not self.requires_grad:
+            return {}
+        return {"weight": self.weight} | ({} if self.bias is None else {"bias": self.bias})
+
+    def grads(self) -> dict[str, np.ndarray | None]:
+        """Gradients from the last backward, with the keys of `params()`."""
+        if not self.requires_grad:
+            return {}
+        return {"weight": self.grad_weight} | (
+            {} if self.bias is None else {"bias": self.grad_bias}
+        )
+
+
+class LoRALinear:
+    """A frozen linear layer (W, b) plus a trainable LoRA update scale * B @ A.
+
+    Arguments:
+        weight: W [out, in], frozen (copied: `merge` changes the layer's copy, not yours).
+        bias: b [out] or None, frozen.
+        r: the rank, a positive int <= min(in, out) (see `validate_rank`).
+        alpha: the scale numerator; scale = alpha / r (or alpha / sqrt(r) with use_rslora).
+        dropout: probability of zeroing an input element of the LoRA path while training
+            (inverted dropout: survivors are divided by 1 - p). The frozen path sees x intact.
+        init: how to draw A. "kaiming": uniform(-1/sqrt(in), 1/sqrt(in)), nn.Linear's and
+            PEFT's default. "gaussian": normal(0, std=1/r), PEFT's init_lora_weights="gaussian".
+            B is always zeros.
+        rng: a np.random.Generator used for A's init and the dropout masks; default seeded 0.
+
+    Each `forward` caches what `backward` needs; `backward(dy)` returns dx and sets
+    `grad_A` and `grad_B` (overwriting, not accumulating). W and b get no gradient.
+    """
+
+    def __init__(
+        self,
+        weight: np.ndarray,
+        bias: np.ndarray | None = None,
+        *,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        self.weight = _as_float_array("weight", weight, ndim=2)  # (out, in)
+        out_features, in_features = self.weight.shape
+        self.bias = None if bias is None else _as_float_array("bias", bias, ndim=1)  # (out,)
+        if self.bias is not None and self.bias.shape != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {self.bias.shape}")
+        self.r = validate_rank(r, in_features, out_features)
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0:
+            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+            raise TypeError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if rng is not None and not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng must be a np.random.Generator, got {type(rng).__name__}")
+
+        self.alpha = float(alpha)
+        self.dropout = float(dropout)
+        self.use_rslora = bool(use_rslora)
+        self.scale = self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        self.rng = np.random.default_rng(0) if rng is None else rng
+        dtype = self.weight.dtype
+        if init == "kaiming":
+            self.A = kaiming_uniform_A(self.r, in_features, self.rng, dtype)  # (r, in)
+        else:
+            self.A = self.rng.normal(0.0, 1.0 / self.r, size=(self.r, in_features)).astype(dtype)
+        self.B = np.zeros((out_features, self.r), dtype=dtype)  # (out, r)
+        self.merged = False
+        self.grad_A: np.ndarray | None = None
+        self.grad_B: np.ndarray | None = None
+        self._cache: tuple[np.ndarray, np.ndarray | None, np.ndarray] | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.A.shape[1]  # from A and B, not W: a subclass may store W differently
+
+    @property
+    def out_features(self) -> int:
+        return self.B.shape[0]
+
+    def base_weight(self) -> np.ndarray:
+        """The frozen W [out, in] that forward and backward multiply by. A 4-bit (QLoRA)
+        subclass overrides this to return its dequantized weight (and merge/unmerge, the only
+        other methods that touch `self.weight`)."""
+        return self.weight
+
+    def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
+        """x (..., in) -> y (..., out); dropout on the LoRA path only when `training`.
+
+        While merged the layer is a plain linear layer with W + scale * B @ A: no dropout, and
+        no backward (unmerge to train again), as in PEFT.
+        """
+        _check_last_dim(x, self.in_features)
+        W = self.base_weight()
+        y = x @ W.T  # (..., in) @ (in, out) -> (..., out)
+        if self.bias is not None:
+            y = y + self.bias
+        if self.merged:  # scale * B @ A is already inside W
+            self._cache = None
+            return y
+        mask = None
+        x_lora = x
+        if training and self.dropout > 0:
+            keep = self.rng.random(x.shape) >= self.dropout
+            mask = (keep / (1.0 - self.dropout)).astype(self.A.dtype)  # inverted: E[mask] = 1
+            x_lora = x * mask
+        h = x_lora @ self.A.T  # (..., in) @ (in, r) -> (..., r)
+        self._cache = (x_lora, mask, h)
+        return y + self.scale * (h @ self.B.T)  # (..., r) @ (r, out) -> (..., out)
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        """dL/dy (..., out) -> dL/dx (..., in); sets grad_A [r, in] and grad_B [out, r].
+
+        With h = dropout(x) A^T and y = ... + scale * h B^T:
+            dL/dB = scale * dy^T h              (summed over every leading dim)
+            dL/dh = scale * dy B
+            dL/dA = (dL/dh)^T dropout(x)
+            dL/dx = dy W + (dL/dh A) * mask     (the frozen path, plus the LoRA path)
+        """
+        if self.merged:
+            raise RuntimeError("the adapter is merged into the weight; unmerge() before training")
+        if self._cache is None:
+            raise RuntimeError("backward() called before forward()")
+        x_lora, mask, h = self._cache
+        if dy.shape[-1] != self.out_features:
+            raise ValueError(f"dy must end in {self.out_features} features, got {dy.shape}")
+        dy2 = dy.reshape(-1, self.out_features)  # (n, out): all leading dims are a batch
+        self.grad_B = self.scale * (dy2.T @ h.reshape(-1, self.r))  # (out, n) @ (n, r)
+        dh = self.scale * (dy @ self.B)  # (..., out) @ (out, r) -> (..., r)
+        self.grad_A = dh.reshape(-1, self.r).T @ x_lora.reshape(-1, self.in_features)  # (r, in)
+        dx_lora = dh @ self.A  # (..., r) @ (r, in) -> (..., in)
+        if mask is not None:
+            dx_lora = dx_lora * mask
+        return dy @ self.base_weight() + dx_lora  # (..., out) @ (out, in) -> (..., in)
+
+    def delta_weight(self) -> np.ndarray:
+        """The update this adapter adds to W: scale * B @ A, [out, in], of rank <= r."""
+        return self.scale * (self.B @ self.A)  # (out, r) @ (r, in) -> (out, in)
+
+    def merge(self) -> None:
+        """Fold scale * B @ A into W, so forward costs one matmul. Checks before it changes W."""
+        if self.merged:
+            raise RuntimeError("the adapter is already merged; merging twice would add it twice")
+        with np.errstate(over="ignore", invalid="ignore"):  # reported just below, clearly
+            merged = self.weight + self.delta_weight()
+        if not np.all(np.isfinite(merged)):
+            raise ValueError("merging would produce NaN or inf weights; W left unchanged")
+        self.weight[...] = merged
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract scale * B @ A from W again (exact up to float rounding)."""
+        if not self.merged:
+            raise RuntimeError("the adapter is not merged; nothing to unmerge")
+        self.weight -= self.delta_weight()
+        self.merged = False
+
+    def params(self) -> dict[str, np.ndarray]:
+        """Trainable arrays by name: only A and B (the live arrays, updated in place)."""
+        return {"A": self.A, "B": self.B}
+
+    def grads(self) -> dict[str, np.ndarray | None]:
+        """Gradients from the last backward, with the keys of `params()`."""
+        return {"A": self.grad_A, "B": self.grad_B}
+
+
+def _check_last_dim(x: np.ndarray, in_features: int) -> None:
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"x must be a NumPy array, got {type(x).__name__}")
+    if x.ndim == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape (..., {in_features}), got {x.shape}")
