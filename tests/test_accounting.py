@@ -1,0 +1,357 @@
+"""Tests for lowrank.accounting. Oracles: the LoRA and QLoRA papers' printed numbers, Hugging Face
+models built on the `meta` device (parameter counts and layer shapes), PEFT's adapters,
+bitsandbytes' 4-bit storage, and the bytes a real PyTorch AdamW step allocates."""
+
+import functools
+import subprocess
+import sys
+
+import pytest
+
+from lowrank.accounting import (
+    GPT3_175B,
+    LLAMA_7B,
+    LLAMA_65B,
+    ROBERTA_BASE,
+    ROBERTA_LARGE,
+    TransformerShape,
+    adapter_checkpoint_bytes,
+    bits_per_weight,
+    format_bytes,
+    lora_paper_claims,
+    lora_parameters,
+    lora_target_shapes,
+    param_counts,
+    qlora_paper_claims,
+    tensor_bytes,
+    training_memory,
+    weight_bytes,
+)
+
+# --- the LoRA paper's numbers (Hu et al. 2021, Table 4 and section 4.2; Table 2 for RoBERTa) ---
+
+
+@pytest.mark.parametrize(
+    "shape, r, expected",
+    [
+        (GPT3_175B, 1, 4_718_592),  # Table 4: GPT-3 LoRA 4.7M
+        (GPT3_175B, 4, 18_874_368),  # section 4.2: the r=4 checkpoint
+        (GPT3_175B, 8, 37_748_736),  # Table 4: GPT-3 LoRA 37.7M
+        (ROBERTA_BASE, 8, 294_912),  # Table 2: RoBERTa-base LoRA 0.3M
+        (ROBERTA_LARGE, 8, 786_432),  # Table 2: RoBERTa-large LoRA 0.8M
+    ],
+)
+def test_lora_on_wq_wv_reproduces_the_paper(shape, r, expected):
+    counts = param_counts(shape, method="lora", r=r, targets=("q", "v"))
+    assert counts.trainable == expected
+    assert lora_parameters(lora_target_shapes(shape, ("q", "v")), r) == expected
+    assert param_counts(shape, method="qlora", r=r).trainable == expected
+    assert counts.total == shape.n_params() + expected
+
+
+def test_gpt3_r4_checkpoint_is_the_papers_35mb():
+    # 18,874,368 fp16 numbers = 37,748,736 bytes = exactly 36 MiB (37.7 MB decimal); the paper
+    # writes "35MB". The full checkpoint: 175B fp16 numbers = the paper's "350GB" (decimal GB).
+    assert adapter_checkpoint_bytes(GPT3_175B, r=4, dtype="fp16") == 36 * 2**20
+    assert weight_bytes(GPT3_175B, "fp16") == pytest.approx(350e9, rel=0.01)
+    assert GPT3_175B.n_params() == pytest.approx(175e9, rel=0.005)
+
+
+def test_lora_paper_claims_say_which_quantity_is_10000x():
+    params, checkpoint, memory = lora_paper_claims()
+    assert params.unit == "parameters" and checkpoint.unit == memory.unit == "bytes"
+    assert 9_000 < params.ratio < 10_000 and 9_000 < checkpoint.ratio < 10_000  # "10,000x"
+    assert checkpoint.after == 36 * 2**20
+    # VRAM: the paper's 1.2 TB -> 350 GB is 3.4x; ours without activations is 6x. Never 10,000x:
+    # what LoRA keeps is at least the frozen fp16 weights, the paper's 350 GB.
+    assert 3 <= memory.ratio <= 6.01
+    assert memory.after >= weight_bytes(GPT3_175B, "fp16")
+    assert memory.after == pytest.approx(350e9, rel=0.01)
+    for claim in (params, checkpoint, memory):
+        assert claim.quantity in str(claim) and "paper" in str(claim)
+    assert "MiB" in str(checkpoint) and "TB" in str(memory)
+
+
+def test_qlora_paper_claims():
+    weights, memory = qlora_paper_claims()
+    assert memory.before > 780e9  # "from >780GB of GPU memory"
+    assert memory.after < 48e9  # "to <48GB" (ours has no activations, so it must be below)
+    assert 33e9 < weights.after < 35e9
+
+
+# --- parameter counts against Hugging Face models on the meta device ------------------------
+
+
+def meta_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())  # tied weights are listed once
+
+
+BERT_BASE = TransformerShape(
+    "BERT-base", 768, 12, 12, vocab_size=30522, max_positions=512, n_token_types=2
+)
+TINY_GQA = TransformerShape(
+    "tiny Llama, GQA", 64, 3, 8, d_ff=160, vocab_size=100, n_kv_heads=2, gated_mlp=True,
+    bias=False, norm="rmsnorm", tie_embeddings=False,
+)  # fmt: skip
+TINY_TIED = TransformerShape(
+    "tiny Llama, tied", 48, 2, 4, d_ff=96, vocab_size=77, gated_mlp=True, bias=False,
+    norm="rmsnorm", tie_embeddings=True,
+)  # fmt: skip
+
+
+def llama_config(transformers, shape: TransformerShape):
+    return transformers.LlamaConfig(
+        hidden_size=shape.d_model, intermediate_size=shape.d_ff,
+        num_hidden_layers=shape.n_layers, num_attention_heads=shape.n_heads,
+        num_key_value_heads=shape.n_kv_heads, vocab_size=shape.vocab_size,
+        tie_word_embeddings=shape.tie_embeddings,
+    )  # fmt: skip
+
+
+def hf_models() -> list:
+    """(our shape, a function that builds the matching Hugging Face model on the meta device)."""
+    t = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    roberta = dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1)
+    large = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                 intermediate_size=4096)  # fmt: skip
+    gpt3 = dict(n_embd=12288, n_layer=96, n_head=96, n_positions=2048)
+    builders = [
+        (BERT_BASE, lambda: t.BertModel(t.BertConfig(), add_pooling_layer=False)),
+        (ROBERTA_BASE, lambda: t.RobertaModel(t.RobertaConfig(**roberta), add_pooling_layer=False)),
+        (ROBERTA_LARGE,
+         lambda: t.RobertaModel(t.RobertaConfig(**roberta, **large), add_pooling_layer=False)),
+        (GPT3_175B, lambda: t.GPT2LMHeadModel(t.GPT2Config(**gpt3))),  # GPT-2's design, scaled
+        *[(s, lambda s=s: t.LlamaForCausalLM(llama_config(t, s)))
+          for s in (LLAMA_7B, LLAMA_65B, TINY_GQA, TINY_TIED)],
+    ]  # fmt: skip
+
+    def on_meta(build):
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            return build()
+
+    return [(shape, functools.partial(on_meta, build)) for shape, build in builders]
+
+
+def test_n_params_matches_hugging_face_models():
+    for shape, make in hf_models():
+        assert shape.n_params() == meta_count(make()), shape.name
+
+
+def test_published_totals():
+    # LLaMA-7B: 6,738,415,616 parameters, the count of Meta's released checkpoint
+    assert LLAMA_7B.n_params() == 6_738_415_616
+    assert LLAMA_65B.n_params() == pytest.approx(65.2e9, rel=0.002)
+
+
+# module names inside one Hugging Face block, for each of our linear_shapes() names
+HF_LINEARS = {
+    "BertLayer": dict(q="attention.self.query", k="attention.self.key", v="attention.self.value",
+                      o="attention.output.dense", up="intermediate.dense", down="output.dense"),
+    "RobertaLayer": dict(q="attention.self.query", k="attention.self.key",
+                         v="attention.self.value", o="attention.output.dense",
+                         up="intermediate.dense", down="output.dense"),
+    "LlamaDecoderLayer": dict(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+                              o="self_attn.o_proj", gate="mlp.gate_proj", up="mlp.up_proj",
+                              down="mlp.down_proj"),
+}  # fmt: skip
+
+
+def test_linear_shapes_match_hugging_face_modules():
+    checked = 0
+    for shape, make in hf_models():
+        model = make()
+        for block in model.modules():
+            if type(block).__name__ in HF_LINEARS:
+                break
+        else:
+            continue  # GPT-2 fuses q, k and v into one Conv1D: nothing to compare one by one
+        modules = dict(block.named_modules())
+        hf_names = HF_LINEARS[type(block).__name__]
+        assert set(hf_names) == set(shape.linear_shapes()), shape.name
+        for ours, hf_name in hf_names.items():
+            assert shape.linear_shapes()[ours] == tuple(modules[hf_name].weight.shape), shape.name
+        checked += 1
+    assert checked == 7
+
+
+def test_lora_counts_match_peft():
+    peft = pytest.importorskip("peft")
+    models = {shape.name: (shape, make) for shape, make in hf_models()}
+    cases = [
+        ("RoBERTa-base", 8, ("q", "v"), ["query", "value"]),
+        ("tiny Llama, GQA", 4, ("q", "k", "v", "o", "gate", "up", "down"),
+         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+        ("tiny Llama, tied", 2, ("k", "down"), ["k_proj", "down_proj"]),
+    ]  # fmt: skip
+    for name, r, ours, theirs in cases:
+        shape, make = models[name]
+        model = peft.get_peft_model(make(), peft.LoraConfig(r=r, target_modules=theirs))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        counts = param_counts(shape, method="lora", r=r, targets=ours)
+        assert counts.trainable == trainable, name
+        assert counts.total == meta_count(model), name
+
+
+# --- bytes -----------------------------------------------------------------------------------
+
+
+def test_bits_per_weight_follow_the_qlora_paper():
+    # QLoRA section 3: double quantization cuts 32/64 = 0.5 bits to 8/64 + 32/(64*256) = 0.127
+    assert bits_per_weight("nf4") == 4 + 8 / 64 + 32 / (64 * 256)
+    assert round(bits_per_weight("nf4"), 3) == 4.127
+    assert bits_per_weight("fp4", double_quant=False) == 4.5
+    assert bits_per_weight("nf4", blocksize=128, double_quant=False) == 4.25
+    assert [bits_per_weight(d) for d in ("fp32", "fp16", "bf16", "int8")] == [32, 16, 16, 8]
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 4097, 64 * 256 + 1, 70_003])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_four_bit_tensor_bytes_match_bitsandbytes(n, double_quant):
+    torch = pytest.importorskip("torch")
+    functional = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    packed, state = functional.quantize_4bit(
+        w, blocksize=64, quant_type="nf4", compress_statistics=double_quant
+    )
+    stored = [packed, state.absmax]
+    if double_quant:
+        stored += [state.state2.absmax, state.offset]  # the 256-entry code is a shared constant
+    expected = sum(t.numel() * t.element_size() for t in stored)
+    assert tensor_bytes(n, "nf4", blocksize=64, double_quant=double_quant) == expected
+
+
+def test_llama_65b_in_four_bits():
+    at_4127_bits = LLAMA_65B.n_params() * 4.127 / 8  # every parameter at the paper's rate
+    assert 33e9 < at_4127_bits < 34e9
+    # as stored: linear layers in NF4 + double quantization, embeddings/head/norms in 16 bits
+    assert 33e9 < weight_bytes(LLAMA_65B, "nf4") < 35e9
+    assert weight_bytes(LLAMA_65B, "nf4", double_quant=False) > weight_bytes(LLAMA_65B, "nf4")
+
+
+def test_format_bytes():
+    assert format_bytes(37_748_736) == "37.7 MB (36.0 MiB)"
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(350e9) == "350.0 GB (326.0 GiB)"
+
+
+# --- training memory -------------------------------------------------------------------------
+
+
+def test_full_finetuning_costs_12_or_16_bytes_per_parameter():
+    n = LLAMA_65B.n_params()
+    full = training_memory(LLAMA_65B, method="full", weight_dtype="bf16")
+    # bf16 weights 2 + bf16 gradients 2 + fp32 AdamW moments 8 = 12 bytes: QLoRA's ">780GB"
+    assert (full.weights, full.gradients, full.optimizer_states) == (2 * n, 2 * n, 8 * n)
+    assert full.total == 12 * n > 780e9
+    # mixed precision with an fp32 master copy: ZeRO's 16 bytes per parameter
+    assert training_memory(LLAMA_65B, method="full", master_weights=True).total == 16 * n
+    assert training_memory(LLAMA_65B, method="full", optimizer="sgd").total == 4 * n
+
+
+def test_lora_memory_keeps_the_frozen_weights():
+    lora = training_memory(LLAMA_7B, method="lora", r=8, weight_dtype="fp16")
+    adapters = param_counts(LLAMA_7B, method="lora", r=8).trainable
+    assert lora.weights == 2 * LLAMA_7B.n_params()
+    assert lora.adapters == lora.gradients == 4 * adapters  # fp32 adapters, as PEFT keeps them
+    assert lora.optimizer_states == 8 * adapters
+    assert lora.activations == 0 and lora.total == sum(lora.as_dict().values()) - lora.total
+    qlora = training_memory(LLAMA_7B, method="qlora", r=8)
+    assert qlora.weights == weight_bytes(LLAMA_7B, "nf4") < lora.weights / 3
+
+
+def test_memory_breakdown_matches_a_real_adamw_step():
+    """Count the bytes PyTorch actually holds after one AdamW step on a tiny fp32 Llama, fully
+    fine-tuned and with PEFT LoRA, and compare with training_memory."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    shape, config = TINY_GQA, llama_config(transformers, TINY_GQA)
+
+    def step(model):
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable)
+        model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+        optimizer.step()
+        moments = sum(
+            t.numel() * t.element_size()
+            for state in optimizer.state.values()
+            for key, t in state.items()
+            if key in ("exp_avg", "exp_avg_sq")
+        )
+        return model, trainable, moments
+
+    def nbytes(params):
+        return sum(p.numel() * p.element_size() for p in params)
+
+    torch.manual_seed(0)
+    model, trainable, moments = step(transformers.LlamaForCausalLM(config))
+    full = training_memory(shape, method="full", weight_dtype="fp32")
+    assert full.weights == nbytes(model.parameters())
+    assert full.gradients == nbytes(p.grad for p in trainable)
+    assert full.optimizer_states == moments
+
+    targets = ["q_proj", "v_proj", "down_proj"]
+    lora_model = peft.get_peft_model(
+        transformers.LlamaForCausalLM(config), peft.LoraConfig(r=4, target_modules=targets)
+    )
+    lora_model, trainable, moments = step(lora_model)
+    lora = training_memory(shape, method="lora", r=4, targets=("q", "v", "down"),
+                           weight_dtype="fp32")  # fmt: skip
+    assert lora.weights == nbytes(p for p in lora_model.parameters() if not p.requires_grad)
+    assert lora.adapters == nbytes(trainable) == lora.gradients
+    assert lora.gradients == nbytes(p.grad for p in trainable)
+    assert lora.optimizer_states == moments
+
+
+# --- validation, and no framework needed -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(d_model=100, n_heads=3), ValueError, "not divisible by n_heads"),
+        (dict(n_kv_heads=3), ValueError, "not divisible by n_kv_heads"),
+        (dict(n_layers=0), ValueError, "n_layers must be >= 1"),
+        (dict(vocab_size=-1), ValueError, "vocab_size must be >= 0"),
+        (dict(d_ff=0), ValueError, "d_ff must be >= 1"),
+        (dict(d_model=64.0), TypeError, "d_model must be an int"),
+        (dict(norm="batchnorm"), ValueError, "norm must be"),
+    ],
+)
+def test_bad_shapes_raise(kwargs, error, match):
+    args = dict(name="x", d_model=64, n_layers=2, n_heads=4) | kwargs
+    with pytest.raises(error, match=match):
+        TransformerShape(**args)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match=r"targets must be a non-empty selection of \['q'"):
+        param_counts(ROBERTA_BASE, method="lora", targets=("query",))
+    with pytest.raises(ValueError, match="targets"):
+        param_counts(ROBERTA_BASE, method="lora", targets=())
+    with pytest.raises(ValueError, match="method must be one of"):
+        param_counts(ROBERTA_BASE, method="adapter")
+    with pytest.raises(ValueError, match=r"r=1000 exceeds min\(out, in\) = 768"):
+        param_counts(ROBERTA_BASE, method="lora", r=1000)
+    with pytest.raises(ValueError, match="r must be >= 1"):
+        lora_parameters([(4, 4)], 0)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        bits_per_weight("int4")
+    with pytest.raises(ValueError, match="power of two"):
+        tensor_bytes(100, "nf4", blocksize=48)
+    with pytest.raises(ValueError, match="weight_dtype for method='lora' must be one of"):
+        training_memory(LLAMA_7B, method="lora", weight_dtype="nf4")
+    with pytest.raises(ValueError, match="weight_dtype for method='qlora' must be one of"):
+        training_memory(LLAMA_7B, method="qlora", weight_dtype="bf16")
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        training_memory(LLAMA_7B, method="full", optimizer="adam8")
+
+
+def test_accounting_imports_neither_numpy_nor_torch():
+    code = (
+        "import sys; sys.modules['numpy'] = None; sys.modules['torch'] = None\n"
+        "import lowrank.accounting as a\n"
+        "assert a.param_counts(a.GPT3_175B, method='lora', r=4).trainable == 18_874_368\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
