@@ -1,0 +1,233 @@
+"""QLoRA's frozen base: a linear layer whose weight lives only in 4 bits.
+
+QLoRA (Dettmers et al. 2023, arXiv:2305.14314) trains LoRA adapters (Hu et al. 2021,
+arXiv:2106.09685) on top of a base model stored as 4-bit NF4 with double quantization. The
+base layer here keeps nothing but the packed codes and their scales; every forward decodes the
+weight to the input's dtype, multiplies, and lets the decoded copy go. Backward needs
+dL/dx = dL/dy @ W, so it decodes W again from the packed data instead of keeping the
+full-size copy alive between forward and backward: the memory saving that makes QLoRA fit.
+The weight itself gets no gradient (it is frozen; only the adapters train), so x need not be
+saved either.
+
+`lowrank.torch.lora.add_lora(..., quant_type="nf4")` puts a `Linear4bit` under each LoRA
+wrapper; on its own it is a frozen `nn.Linear` that costs ~4.13 bits per weight.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowrank.numpy.quant import _check_blocksize, _check_quant_type
+from lowrank.torch.quant import (
+    DOUBLE_QUANT_BLOCKSIZE,
+    Quantized4bit,
+    dequantize_4bit,
+    quantize_4bit,
+)
+
+
+class _Linear4bitFunction(torch.autograd.Function):
+    """y = x @ W^T (+ b) with W decoded from 4 bits; saves only the packed state."""
+
+    @staticmethod
+    def forward(ctx, x, bias, packed, absmax, offset, absmax2, layout):
+        # layout: (shape, dtype, blocksize, quant_type, double_quant) of the quantized weight
+        ctx.layout = layout
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(packed, absmax, offset, absmax2)  # a few bytes per weight
+        weight = _decode(layout, packed, absmax, offset, absmax2).to(x.dtype)  # [out, in]
+        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        packed, absmax, offset, absmax2 = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = _decode(ctx.layout, packed, absmax, offset, absmax2).to(grad_y.dtype)
+            grad_x = grad_y @ weight  # (..., out) @ (out, in) -> (..., in)
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        return grad_x, grad_bias, None, None, None, None, None
+
+
+def _decode(layout, packed, absmax, offset, absmax2) -> torch.Tensor:
+    shape, dtype, blocksize, quant_type, double_quant = layout
+    q = Quantized4bit(
+        packed, absmax, offset, absmax2, shape, dtype, blocksize, quant_type, double_quant
+    )
+    return dequantize_4bit(q)
+
+
+class Linear4bit(nn.Module):
+    """A frozen linear layer stored in 4 bits: y = x @ W^T + b, W [out, in] decoded on the fly.
+
+    Buffers (the quantized weight, see `lowrank.torch.quant.Quantized4bit`):
+        weight_packed  uint8 [ceil(out * in / 2)]  two codes per byte
+        weight_absmax  float32 [n_blocks], or uint8 codes with double quantization
+        weight_offset  float32 [] (double quantization) or None
+        weight_absmax2 float32 [ceil(n_blocks / 256)] (double quantization) or None
+    There is deliberately no `.weight`: no full-precision copy exists. `dequantize_weight()`
+    decodes one on demand. `bias` is a frozen nn.Parameter (or None), kept in full precision.
+    The output has the input's dtype. `.to(dtype)` / `.half()` leave the quantization state as
+    it is (it only follows the device), so the decoded weight never changes.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """An all-zero 4-bit layer of the given size (use `from_linear` to quantize a layer)."""
+        super().__init__()
+        _check_quant_type(quant_type)
+        _check_blocksize(blocksize)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.quant_type = quant_type
+        self.blocksize = blocksize
+        self.double_quant = double_quant
+        self.weight_dtype = dtype  # the dtype the weight had, what dequantize_weight returns
+        n = in_features * out_features
+        n_blocks = -(-n // blocksize)
+        absmax_dtype = torch.uint8 if double_quant else torch.float32
+        packed = torch.zeros((n + 1) // 2, dtype=torch.uint8, device=device)
+        absmax = torch.zeros(n_blocks, dtype=absmax_dtype, device=device)
+        self.register_buffer("weight_packed", packed)
+        self.register_buffer("weight_absmax", absmax)
+        if double_quant:
+            n_blocks2 = -(-n_blocks // DOUBLE_QUANT_BLOCKSIZE)
+            self.register_buffer("weight_offset", torch.zeros((), device=device))
+            self.register_buffer("weight_absmax2", torch.zeros(n_blocks2, device=device))
+        else:
+            self.register_buffer("weight_offset", None)
+            self.register_buffer("weight_absmax2", None)
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+            if bias
+            else None
+        )
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+    ) -> "Linear4bit":
+        """Quantize `linear`'s weight (its bias is copied, frozen). On the `meta` device only the
+        buffers' sizes are made, so parameter and byte counts can be planned without memory."""
+        weight = linear.weight
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            quant_type=quant_type,
+            blocksize=blocksize,
+            double_quant=double_quant,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+        if weight.is_meta:
+            return layer
+        layer.set_weight(weight)
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def quantized(self) -> Quantized4bit:
+        """The weight's quantized state (views of the buffers)."""
+        return Quantized4bit(
+            packed=self.weight_packed,
+            absmax=self.weight_absmax,
+            offset=self.weight_offset,
+            absmax2=self.weight_absmax2,
+            shape=(self.out_features, self.in_features),
+            dtype=self.weight_dtype,
+            blocksize=self.blocksize,
+            quant_type=self.quant_type,
+            double_quant=self.double_quant,
+        )
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """W [out, in] decoded from 4 bits, in the dtype the quantized weight had."""
+        return dequantize_4bit(self.quantized())
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Quantize `weight` [out, in] into this layer (e.g. after merging an adapter).
+
+        Checks finiteness here on every device: quantize_4bit skips it on CUDA (it would wait
+        for the GPU), and a layer is built rarely enough to afford one wait.
+        """
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"weight must be [{self.out_features}, {self.in_features}], got "
+                f"{list(weight.shape)}"
+            )
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError("weight contains NaN or inf; the layer is left unchanged")
+        q = quantize_4bit(
+            weight.to(self.weight_packed.device),
+            blocksize=self.blocksize,
+            quant_type=self.quant_type,
+            double_quant=self.double_quant,
+        )
+        self.weight_packed = q.packed
+        self.weight_absmax = q.absmax
+        self.weight_offset = q.offset
+        self.weight_absmax2 = q.absmax2
+        self.weight_dtype = weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., out) in x's dtype; the weight is decoded, used and dropped."""
+        layout = (
+            (self.out_features, self.in_features),
+            self.weight_dtype,
+            self.blocksize,
+            self.quant_type,
+            self.double_quant,
+        )
+        return _Linear4bitFunction.apply(
+            x,
+            self.bias,
+            self.weight_packed,
+            self.weight_absmax,
+            self.weight_offset,
+            self.weight_absmax2,
+            layout,
+        )
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to(dtype) / .half() would pass the float32 scales through `fn` and cast
+        # them; the quantization state only follows the device (`fn` applied to an empty
+        # float32 tensor tells where to).
+        names = ("weight_packed", "weight_absmax", "weight_offset", "weight_absmax2")
+        state = {name: self._buffers.pop(name) for name in names}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            device = fn(torch.empty(0, device=state["weight_packed"].device)).device
+            for name, tensor in state.items():
+                if tensor is not None and tensor.is_meta and device.type != "meta":
+                    tensor = torch.empty_like(tensor, device=device)  # to_empty()
+                elif tensor is not None:
+                    tensor = tensor.to(device)
+                self._buffers[name] = tensor
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, quant_type={self.quant_type}, "
+            f"blocksize={self.blocksize}, double_quant={self.double_quant}"
+        )

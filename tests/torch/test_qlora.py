@@ -1,0 +1,154 @@
+"""lowrank.torch.qlora.Linear4bit: outputs and gradients against the written-out formula with
+autograd, what is saved for backward, what is stored, meta-device planning, dtype handling."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowrank.torch.qlora import Linear4bit
+from lowrank.torch.quant import dequantize_4bit, quantize_4bit
+
+
+def make(out_features=37, in_features=130, bias=True, **kwargs):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    return linear, Linear4bit.from_linear(linear, **kwargs)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_forward_and_input_gradient(quant_type, double_quant):
+    linear, layer = make(quant_type=quant_type, double_quant=double_quant)
+    W_q = dequantize_4bit(
+        quantize_4bit(linear.weight.detach(), quant_type=quant_type, double_quant=double_quant)
+    )
+    x = torch.randn(2, 5, 130, requires_grad=True)
+    y = layer(x)
+    # oracle: the same maths through plain autograd
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = F.linear(x_ref, W_q, linear.bias.detach())
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-6)  # float32 matmul order
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-6)
+    assert torch.equal(layer.dequantize_weight(), W_q)
+
+
+def test_float64_exact_and_bias_gradient_when_asked():
+    linear, layer = make()
+    layer.bias.requires_grad_(True)
+    x = torch.randn(4, 130, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == torch.float64
+    W = layer.dequantize_weight().double()
+    torch.testing.assert_close(y, x @ W.T + layer.bias.double(), rtol=1e-14, atol=1e-14)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    torch.testing.assert_close(x.grad, dy @ W, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(layer.bias.grad, dy.sum(0).float(), rtol=1e-6, atol=1e-6)
+
+
+def test_no_full_size_tensor_saved_for_backward():
+    _, layer = make(out_features=64, in_features=96)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = torch.randn(3, 96, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    y.sum().backward()
+    full = 64 * 96
+    assert saved, "the hook saw nothing: is the Function still saving its state?"
+    for t in saved:
+        assert not (t.is_floating_point() and t.numel() >= full), (t.shape, t.dtype)
+        assert t.numel() * t.element_size() < full  # less than one byte per weight each
+    assert sum(t.numel() * t.element_size() for t in saved) == layer.quantized().nbytes
+
+
+def test_stores_only_the_quantized_weight():
+    linear, layer = make(out_features=64, in_features=128)
+    assert not hasattr(layer, "weight")
+    assert [name for name, _ in layer.named_parameters()] == ["bias"]
+    assert not layer.bias.requires_grad
+    stored = sum(b.numel() * b.element_size() for b in layer.buffers())
+    assert stored == layer.quantized().nbytes
+    assert stored * 8 / linear.weight.numel() < 4.2
+    for buffer in layer.buffers():
+        assert buffer.numel() < linear.weight.numel() / 2 + 1
+
+
+def test_meta_device_plans_sizes_without_quantizing():
+    with torch.device("meta"):
+        linear = torch.nn.Linear(4096, 4096)
+    layer = Linear4bit.from_linear(linear)
+    assert layer.weight_packed.is_meta and layer.weight_packed.shape == (4096 * 4096 // 2,)
+    assert layer.weight_absmax.shape == (4096 * 4096 // 64,)
+    assert layer.weight_absmax2.shape == (4096 * 4096 // 64 // 256,)
+    bits = sum(b.numel() * b.element_size() for b in layer.buffers()) * 8 / 4096**2
+    assert bits == pytest.approx(4.127, abs=5e-4)
+    real = layer.to_empty(device="cpu")
+    assert real.weight_packed.device.type == "cpu" and real.weight_offset.dtype == torch.float32
+
+
+def test_dtype_casts_leave_the_quantized_state_alone():
+    _, layer = make()
+    before = layer.dequantize_weight()
+    layer = layer.to(torch.bfloat16)
+    assert layer.weight_absmax.dtype == torch.uint8 and layer.weight_absmax2.dtype == torch.float32
+    assert layer.weight_offset.dtype == torch.float32 and layer.bias.dtype == torch.bfloat16
+    assert torch.equal(layer.dequantize_weight(), before)
+    x = torch.randn(3, 130, dtype=torch.bfloat16)
+    assert layer(x).dtype == torch.bfloat16
+    layer.half()
+    assert torch.equal(layer.dequantize_weight(), before)
+
+
+def test_set_weight_requantizes_and_checks():
+    linear, layer = make()
+    new = torch.randn(37, 130)
+    layer.set_weight(new)
+    assert torch.equal(layer.dequantize_weight(), dequantize_4bit(quantize_4bit(new)))
+    with pytest.raises(ValueError, match=r"\[37, 130\]"):
+        layer.set_weight(torch.randn(130, 37))
+    packed = layer.weight_packed.clone()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        layer.set_weight(torch.full((37, 130), float("nan")))
+    assert torch.equal(layer.weight_packed, packed)
+
+
+def test_state_dict_round_trip():
+    _, layer = make(double_quant=True)
+    fresh = Linear4bit(130, 37, bias=True)
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 130)
+    assert torch.equal(fresh(x), layer(x))
+    plain = Linear4bit.from_linear(torch.nn.Linear(130, 37, bias=False), double_quant=False)
+    assert plain.weight_offset is None and plain.bias is None
+    assert set(plain.state_dict()) == {"weight_packed", "weight_absmax"}
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="quant_type"):
+        Linear4bit.from_linear(torch.nn.Linear(4, 4), quant_type="nf5")
+    with pytest.raises(ValueError, match="power of two"):
+        Linear4bit.from_linear(torch.nn.Linear(4, 4), blocksize=48)
+
+
+@pytest.mark.cuda
+def test_cuda_forward_backward_match_cpu():
+    _, layer = make()
+    x = torch.randn(8, 130, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    gpu = layer.to("cuda")
+    assert gpu.weight_packed.is_cuda
+    x_gpu = x.detach().cuda().requires_grad_()
+    y_gpu = gpu(x_gpu)
+    y_gpu.sum().backward()
+    torch.testing.assert_close(y_gpu.cpu(), y, rtol=1e-5, atol=1e-5)  # TF32/cuBLAS order
+    torch.testing.assert_close(x_gpu.grad.cpu(), x.grad, rtol=1e-5, atol=1e-5)
+    assert gpu(x_gpu.bfloat16()).dtype == torch.bfloat16
