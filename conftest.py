@@ -9,6 +9,8 @@ os.environ.setdefault("LOWRANK_SMOKE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# pytest-xdist already runs one worker per core: more threads per worker only oversubscribe.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,6 +10,54 @@ def _numpy_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from lowrank.torch.demo import main
+
+    return main(smoke=args.smoke, out_dir=args.out)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from lowrank.torch.hf import finetune
+
+    targets = args.targets.split(",") if args.targets else None
+    try:
+        result = finetune(
+            args.model,
+            args.data,
+            method=args.method,
+            r=args.r,
+            alpha=args.alpha,
+            targets=targets,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            out_dir=args.out,
+        )
+    except (ValueError, FileNotFoundError) as error:  # bad data or arguments: say which
+        print(f"lowrank finetune: error: {error}")
+        return 2
+    print(f"{result.steps} steps, final loss {result.losses[-1]:.4f}; written to {result.out_dir}")
+    return 0
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from lowrank.memory import estimate_memory
+
+    targets = args.targets.split(",") if args.targets else None
+    estimate = estimate_memory(
+        args.config,
+        method=args.method,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        r=args.r,
+        targets=targets,
+        gradient_checkpointing=args.gradient_checkpointing,
+        dtype=args.dtype,
+    )
+    print(estimate)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowrank", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -20,6 +68,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     numpy_demo.add_argument("--seed", type=int, default=0)
     numpy_demo.set_defaults(run=_numpy_demo)
+
+    demo = commands.add_parser(
+        "demo",
+        help="fine-tune all-MiniLM-L6-v2 on VADER words: head only, full, LoRA, QLoRA; verify",
+    )
+    demo.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (for tests)")
+    demo.add_argument("--out", default="lowrank-report", help="report folder")
+    demo.set_defaults(run=_demo)
+
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune a Hugging Face model on your JSONL data (full, LoRA, QLoRA)"
+    )
+    finetune.add_argument("model", help="Hugging Face model name (cached) or local folder")
+    finetune.add_argument(
+        "data", help='JSONL: {"text"}, {"prompt", "completion"} or {"text", "label"} per line'
+    )
+    finetune.add_argument("--method", choices=["full", "lora", "qlora"], default="lora")
+    finetune.add_argument("--r", type=int, default=8)
+    finetune.add_argument("--alpha", type=float, default=16)
+    finetune.add_argument("--targets", help="comma-separated layer names, or all-linear")
+    finetune.add_argument("--epochs", type=int, default=1)
+    finetune.add_argument("--batch-size", type=int, default=8)
+    finetune.add_argument("--lr", type=float, help="default 2e-5 (full) or 2e-4 (adapters)")
+    finetune.add_argument("--out", default="runs/finetune", help="output folder")
+    finetune.set_defaults(run=_finetune)
+
+    estimate = commands.add_parser(
+        "estimate", help="training memory from a Hugging Face config.json alone (no weights)"
+    )
+    estimate.add_argument("config", help="config.json or a model folder")
+    estimate.add_argument("--method", choices=["full", "lora", "qlora"], default="qlora")
+    estimate.add_argument("--batch-size", type=int, default=1)
+    estimate.add_argument("--seq-len", type=int, default=512)
+    estimate.add_argument("--r", type=int, default=8)
+    estimate.add_argument("--targets", help="comma-separated layer names, or all-linear")
+    estimate.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    estimate.add_argument("--gradient-checkpointing", action="store_true")
+    estimate.set_defaults(run=_estimate)
     return parser
 
 

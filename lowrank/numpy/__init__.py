@@ -1,1 +1,37 @@
 """lowrank.numpy: the reference implementation, written to be read (NumPy only, no torch)."""
+
+from .analysis import (
+    best_rank_r,
+    effective_rank,
+    energy_captured,
+    energy_rank,
+    singular_values,
+    stable_rank,
+    subspace_similarity,
+    subspace_similarity_grid,
+)
+from .gradcheck import numerical_gradient, numerical_gradient_of_output, relative_error
+from .lora import Linear, LoRALinear, kaiming_uniform_A, validate_rank
+from .model import (
+    MLP,
+    ReLU,
+    accuracy,
+    add_lora,
+    lora_layers,
+    merge_lora,
+    softmax_cross_entropy,
+    train,
+    train_step,
+    unmerge_lora,
+)
+from .optim import SGD, AdamW
+from .qlora import QLoRALinear
+from .quant import (
+    Quantized4bit,
+    dequantize_4bit,
+    dynamic_map,
+    fp4_code,
+    int4_code,
+    nf4_code,
+    quantize_4bit,
+)

@@ -1,0 +1,236 @@
+"""Data for the demo and for `lowrank finetune` (framework-free: no numpy, no torch).
+
+Two things live here:
+
+1. The demo's task, built from real human judgements that a package ships: the VADER sentiment
+   lexicon (Hutto & Gilbert 2014, "VADER: A Parsimonious Rule-based Model for Sentiment Analysis
+   of Social Media Text", ICWSM), installed with `vaderSentiment` as `vader_lexicon.txt`. Each
+   line holds a token, the mean of ten human ratings on a -4 (extremely negative) to +4
+   (extremely positive) scale, their standard deviation, and the ten ratings. We keep the
+   alphabetic entries (dropping emoticons such as ":-)"), keep those whose mean rating is at
+   least 1 away from neutral, label them negative (mean < 0) or positive (mean > 0), and draw a
+   seeded random train/test split; the 14 tokens listed twice (e.g. "lol") are left out.
+   The task: read one English word, say whether people find it positive or negative.
+   Nothing is generated; nothing is downloaded.
+
+2. The JSONL reader for a user's own data. One JSON object per line, in one of three formats:
+
+       {"text": "..."}                              causal language modelling on the text
+       {"prompt": "...", "completion": "..."}       language modelling, loss on the completion
+       {"text": "...", "label": "spam"}             classification (labels: all str or all int)
+
+   The first non-blank line fixes the format; every error names the file, the line and the
+   problem, so a bad row in a 10,000-line file is found at once.
+"""
+
+import json
+import os
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+
+# ----------------------------------------------------------------------------- VADER lexicon
+
+
+@dataclass(frozen=True)
+class LexiconEntry:
+    """One line of vader_lexicon.txt: a token and its ten human ratings in [-4, 4]."""
+
+    token: str
+    mean: float  # mean of the ten ratings
+    std: float  # their standard deviation
+    ratings: tuple[int, ...]  # the ten raw ratings
+
+
+@dataclass(frozen=True)
+class ClassificationSplit:
+    """A labelled text classification task with a fixed train/test split."""
+
+    train_texts: list[str]
+    train_labels: list[int]
+    test_texts: list[str]
+    test_labels: list[int]
+    label_names: tuple[str, ...]  # label_names[i] is the name of class i
+    description: str  # where the data comes from and how it was built, in plain words
+
+
+def vader_lexicon_path() -> Path:
+    """The vader_lexicon.txt installed with the `vaderSentiment` package."""
+    spec = find_spec("vaderSentiment")
+    if spec is None or spec.origin is None:
+        raise ImportError("the demo's data needs `vaderSentiment`: pip install vaderSentiment")
+    return Path(spec.origin).parent / "vader_lexicon.txt"
+
+
+def load_vader_lexicon(path: str | os.PathLike | None = None) -> list[LexiconEntry]:
+    """Parse the tab-separated VADER lexicon (default: the copy shipped with vaderSentiment)."""
+    path = Path(path) if path is not None else vader_lexicon_path()
+    entries = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) != 4:
+                raise ValueError(
+                    f"{path}:{line_number}: expected 4 tab-separated fields "
+                    f"(token, mean, std, ratings), found {len(fields)}"
+                )
+            token, mean, std, ratings = fields
+            try:
+                entries.append(
+                    LexiconEntry(token, float(mean), float(std), tuple(json.loads(ratings)))
+                )
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"{path}:{line_number}: cannot parse {line.strip()!r}") from error
+    return entries
+
+
+_WORD = re.compile(r"[a-z][a-z'-]*")  # a lower-case English word; emoticons like ":-)" fail
+
+
+def vader_word_sentiment(
+    *,
+    n_train: int = 2000,
+    n_test: int = 1000,
+    min_abs_mean: float = 1.0,
+    seed: int = 0,
+    lexicon_path: str | os.PathLike | None = None,
+) -> ClassificationSplit:
+    """The demo task: is this single English word rated positive or negative by people?
+
+    Words with |mean rating| >= `min_abs_mean` (5,576 of the lexicon's 7,520 entries at
+    1.0, about 44% positive; tokens listed twice are dropped) are shuffled with `seed`; the
+    first `n_train` are the training set and the next `n_test` the test set
+    (disjoint). Label 0 = negative, 1 = positive.
+    """
+    if n_train < 1 or n_test < 1:
+        raise ValueError(f"n_train and n_test must be positive, got {n_train} and {n_test}")
+    lexicon = load_vader_lexicon(lexicon_path)
+    token_counts = Counter(entry.token for entry in lexicon)  # a few tokens ("lol") appear twice
+    words = [
+        (entry.token, int(entry.mean > 0))
+        for entry in lexicon
+        if _WORD.fullmatch(entry.token)
+        and abs(entry.mean) >= min_abs_mean
+        and token_counts[entry.token] == 1
+    ]
+    if n_train + n_test > len(words):
+        raise ValueError(
+            f"asked for {n_train} + {n_test} words but only {len(words)} words have "
+            f"|mean rating| >= {min_abs_mean}"
+        )
+    random.Random(seed).shuffle(words)
+    train, test = words[:n_train], words[n_train : n_train + n_test]
+    description = (
+        f"VADER sentiment lexicon (Hutto & Gilbert 2014, shipped with vaderSentiment): "
+        f"{len(words)} alphabetic words whose mean human rating (ten raters, -4..+4) is at least "
+        f"{min_abs_mean} from neutral, labelled negative (mean < 0) or positive (mean > 0); "
+        f"seeded ({seed}) random disjoint split of {n_train} train / {n_test} test words. "
+        f"Positive share: train {sum(y for _, y in train) / n_train:.1%}, "
+        f"test {sum(y for _, y in test) / n_test:.1%}."
+    )
+    return ClassificationSplit(
+        train_texts=[w for w, _ in train],
+        train_labels=[y for _, y in train],
+        test_texts=[w for w, _ in test],
+        test_labels=[y for _, y in test],
+        label_names=("negative", "positive"),
+        description=description,
+    )
+
+
+# ----------------------------------------------------------------------------- user JSONL
+
+_FORMATS = {  # the exact set of keys each line may have -> the format's name
+    frozenset({"text"}): "text",
+    frozenset({"prompt", "completion"}): "prompt_completion",
+    frozenset({"text", "label"}): "classification",
+}
+
+
+@dataclass(frozen=True)
+class JsonlDataset:
+    """The rows of a JSONL file in one format.
+
+    format: "text", "prompt_completion" or "classification".
+    rows: the JSON objects, in file order (blank lines skipped).
+    label_names: for classification, the distinct labels sorted; class i is label_names[i].
+    """
+
+    format: str
+    rows: list[dict]
+    label_names: tuple = ()
+
+    def label_ids(self) -> list[int]:
+        """Each row's class index (classification only)."""
+        index = {name: i for i, name in enumerate(self.label_names)}
+        return [index[row["label"]] for row in self.rows]
+
+
+def read_jsonl(path: str | os.PathLike) -> JsonlDataset:
+    """Read and check a JSONL training file; errors say `file:line: problem`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no data file at {path}")
+    rows: list[dict] = []
+    data_format = None
+    label_type = None
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            row_format = _FORMATS.get(frozenset(row))
+            if row_format is None:
+                raise ValueError(
+                    f"{where}: keys {sorted(row)} match no format; use exactly "
+                    '{"text"}, {"prompt", "completion"} or {"text", "label"}'
+                )
+            if data_format is None:
+                data_format = row_format
+            elif row_format != data_format:
+                raise ValueError(
+                    f"{where}: this line is {row_format} but earlier lines are {data_format}; "
+                    "one file holds one format"
+                )
+            for key in ("text", "prompt", "completion"):
+                if key in row and not isinstance(row[key], str):
+                    raise ValueError(f"{where}: {key!r} must be a string, got {row[key]!r}")
+            if "text" in row and not row["text"].strip():
+                raise ValueError(f"{where}: 'text' is empty")
+            if "completion" in row and not row["completion"].strip():
+                raise ValueError(f"{where}: 'completion' is empty")
+            if "label" in row:
+                label = row["label"]
+                if isinstance(label, bool) or not isinstance(label, (str, int)):
+                    raise ValueError(
+                        f"{where}: 'label' must be a string or an integer, got {label!r}"
+                    )
+                if label_type is None:
+                    label_type = type(label)
+                elif type(label) is not label_type:
+                    raise ValueError(
+                        f"{where}: label {label!r} is a {type(label).__name__} but earlier labels "
+                        f"are {label_type.__name__}s"
+                    )
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: the file has no data lines")
+    label_names = ()
+    if data_format == "classification":
+        label_names = tuple(sorted({row["label"] for row in rows}))
+        if len(label_names) < 2:
+            raise ValueError(
+                f"{path}: classification needs at least 2 distinct labels, found {label_names}"
+            )
+    return JsonlDataset(format=data_format, rows=rows, label_names=label_names)

@@ -1,0 +1,327 @@
+"""The training loop, written out: what `Trainer` libraries do, in one readable function.
+
+    config = TrainConfig(epochs=2, batch_size=32, lr=1e-3, out_dir="runs/lora")
+    result = train(model, train_examples, config, loss_fn=loss_fn, collate=collate,
+                   evaluate=lambda m: {"accuracy": accuracy(m, test_examples)})
+
+What happens, step by step:
+
+- seeding: Python's and torch's generators are seeded (init, dropout), and the shuffling has its own
+  generator, so a run repeats exactly on the same machine.
+- the optimizer is AdamW over the parameters that require grad, and only those. With LoRA
+  that is A and B (plus a task head): the optimizer's two moments exist only for them, which
+  is most of LoRA's memory saving (Hu et al. 2021, arXiv:2106.09685, section 4.2).
+- the learning rate rises linearly from 0 over the warmup steps, then follows half a cosine
+  down to 0 at the last step (the schedule of `transformers.get_cosine_schedule_with_warmup`).
+- gradient accumulation: `grad_accum_steps` micro-batches of `batch_size` examples are
+  back-propagated (each loss divided by their number) before one optimizer step, so the step
+  sees the mean gradient of batch_size * grad_accum_steps examples.
+- gradient clipping: the trainable gradients are rescaled when their global L2 norm exceeds
+  `max_grad_norm`.
+- mixed precision: on CUDA the forward and backward run under bfloat16 autocast (same range as
+  float32, so no loss scaling is needed); on CPU everything stays in the model's dtype.
+- gradient checkpointing (optional): activations inside each transformer block are recomputed
+  in the backward pass instead of stored, trading about one extra forward for memory.
+- after each epoch, `evaluate(model)` (no grad, eval mode) returns metrics; every optimizer
+  step and every evaluation is appended as one JSON line to `out_dir/log.jsonl`.
+- at the end (and after each epoch with `save_every_epoch`) the trainable weights are written
+  to `out_dir`: LoRA adapters in the PEFT layout (`adapters.save_adapter`), and any other
+  trainable tensors (a classification head, or the whole model in full fine-tuning) to
+  `trainable.safetensors`.
+
+QLoRA (Dettmers et al. 2023, arXiv:2305.14314) needs nothing special here: its base weights
+are frozen 4-bit buffers, and only the adapters reach the optimizer.
+"""
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of `train`, with defaults that suit LoRA on a small model."""
+
+    epochs: int = 1
+    batch_size: int = 16  # examples per micro-batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-4  # peak learning rate, reached at the end of warmup
+    warmup_ratio: float = 0.06  # share of all optimizer steps spent warming up
+    weight_decay: float = 0.0  # AdamW's decoupled decay, on every trainable tensor
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    bf16: bool = True  # bfloat16 autocast when on CUDA; ignored on CPU
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    device: str | None = None  # None: CUDA if available, else CPU
+    out_dir: str | None = None  # where log.jsonl and the weights go; None: nothing written
+    save_every_epoch: bool = False  # also write the weights to out_dir/epoch-<n>
+    log_every: int = 1  # optimizer steps between log lines
+    progress: bool = True  # tqdm progress bar
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum_steps", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm}")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: per-step losses, per-epoch metrics, time, and where files went."""
+
+    losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step
+    evals: list[dict[str, float]] = field(default_factory=list)  # one dict per epoch
+    steps: int = 0
+    wall_time_s: float = 0.0
+    out_dir: str | None = None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's and torch's (CPU and CUDA) global generators: weight init, dropout."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int) -> float:
+    """The learning-rate multiplier at optimizer step `step` (0-based): 0 -> 1 linearly over
+    `warmup_steps`, then 1 -> 0 along half a cosine at `total_steps`."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters the optimizer will update, by qualified name."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on activation recomputation in the outermost Hugging Face model inside `model`.
+
+    Non-reentrant checkpointing (use_reentrant=False) computes correct gradients even when the
+    block's inputs do not require grad, which is the case when the embeddings are frozen.
+    """
+    for module in model.modules():
+        if hasattr(module, "gradient_checkpointing_enable"):
+            module.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+            return
+    raise ValueError(
+        "gradient checkpointing needs a Hugging Face model (one with gradient_checkpointing_enable)"
+    )
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    """`batch` with every tensor inside (dicts, lists, tuples) moved to `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {key: move_to(value, device) for key, value in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(move_to(value, device) for value in batch)
+    return batch
+
+
+def save_trainable(model: nn.Module, folder: str | os.PathLike) -> Path:
+    """Write what training changed: LoRA adapters (PEFT layout, via `save_adapter`) and every
+    other trainable tensor (e.g. a classifier head) to `trainable.safetensors`."""
+    from safetensors.torch import save_file
+
+    from .adapters import save_adapter
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    trainable = trainable_parameters(model)
+    adapter_ids = _adapter_parameter_ids(model)
+    if any(id(p) in adapter_ids for p in trainable.values()):
+        save_adapter(model, folder)
+    others = {
+        name: p.detach().to("cpu").contiguous()
+        for name, p in trainable.items()
+        if id(p) not in adapter_ids
+    }
+    if others:
+        with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as tmp:
+            temp_path = tmp.name
+        save_file(others, temp_path)
+        os.replace(temp_path, folder / "trainable.safetensors")
+    return folder
+
+
+def load_trainable(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+    """Read back what `save_trainable` wrote into a model of the same architecture."""
+    from safetensors.torch import load_file
+
+    from .adapters import load_adapter
+
+    folder = Path(folder)
+    if (folder / "adapter_config.json").exists():
+        load_adapter(model, folder)
+    extra = folder / "trainable.safetensors"
+    if extra.exists():
+        tensors = load_file(extra)
+        parameters = dict(model.named_parameters())
+        missing = sorted(set(tensors) - set(parameters))
+        if missing:
+            raise ValueError(f"{extra} holds tensors the model lacks: {missing[:5]}")
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                parameters[name].copy_(tensor)
+    return model
+
+
+def _adapter_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of every LoRA A and B in the model (they go to the PEFT-format adapter file)."""
+    from .lora import lora_layers
+
+    return {
+        id(p) for _, layer in lora_layers(model) for p in (*layer.A.values(), *layer.B.values())
+    }
+
+
+def train(
+    model: nn.Module,
+    examples: Sequence,
+    config: TrainConfig,
+    *,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    collate: Callable[[list], Any],
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+) -> TrainResult:
+    """Train the parameters of `model` that require grad on `examples`; see the module doc.
+
+    examples: anything indexable with a length (a list of dicts, a Dataset).
+    collate: turns a list of examples into a batch (tensors, or dicts/tuples of tensors);
+        the batch is moved to the device for you.
+    loss_fn(model, batch): the mean loss of the batch, a scalar tensor.
+    evaluate(model): metrics after each epoch, called under no_grad in eval mode.
+    """
+    if len(examples) == 0:
+        raise ValueError("no training examples")
+    seed_everything(config.seed)
+    device = torch.device(config.device) if config.device else default_device()
+    model.to(device)
+    parameters = trainable_parameters(model)
+    if not parameters:
+        raise ValueError("the model has no parameters that require grad: nothing to train")
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    optimizer = torch.optim.AdamW(
+        list(parameters.values()),
+        lr=config.lr,
+        betas=config.betas,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+    )
+    micro_batches_per_epoch = math.ceil(len(examples) / config.batch_size)
+    steps_per_epoch = math.ceil(micro_batches_per_epoch / config.grad_accum_steps)
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = round(config.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_with_warmup(step, total_steps, warmup_steps)
+    )
+    autocast = torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda"
+    )
+    out_dir = Path(config.out_dir) if config.out_dir else None
+    log = None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log = open(out_dir / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed below)
+        _write_line(log, {"event": "config", **asdict(config), "trainable": list(parameters)})
+
+    shuffler = torch.Generator().manual_seed(config.seed)  # the data order, on its own
+    result = TrainResult(out_dir=str(out_dir) if out_dir else None)
+    start = time.perf_counter()
+    bar = tqdm(total=total_steps, desc="train", disable=not config.progress, leave=False)
+    try:
+        for epoch in range(1, config.epochs + 1):
+            model.train()
+            order = torch.randperm(len(examples), generator=shuffler).tolist()
+            micro_batches = [
+                order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)
+            ]
+            for first in range(0, len(micro_batches), config.grad_accum_steps):
+                group = micro_batches[first : first + config.grad_accum_steps]
+                step_loss = 0.0
+                for indices in group:
+                    batch = move_to(collate([examples[i] for i in indices]), device)
+                    with autocast:
+                        loss = loss_fn(model, batch) / len(group)  # mean over the group
+                    loss.backward()
+                    step_loss += loss.item()
+                grad_norm = None
+                if config.max_grad_norm is not None:
+                    grad_norm = nn.utils.clip_grad_norm_(
+                        parameters.values(), config.max_grad_norm
+                    ).item()
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                result.steps += 1
+                result.losses.append(step_loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", epoch=epoch)
+                if log is not None and result.steps % config.log_every == 0:
+                    _write_line(
+                        log,
+                        {
+                            "event": "step",
+                            "step": result.steps,
+                            "epoch": epoch,
+                            "loss": step_loss,
+                            "lr": lr,
+                            "grad_norm": grad_norm,
+                            "time_s": time.perf_counter() - start,
+                        },
+                    )
+            if evaluate is not None:
+                model.eval()
+                with torch.no_grad(), autocast:
+                    metrics = {key: float(value) for key, value in evaluate(model).items()}
+                result.evals.append(metrics)
+                if log is not None:
+                    _write_line(log, {"event": "eval", "epoch": epoch, **metrics})
+            if out_dir is not None and config.save_every_epoch:
+                save_trainable(model, out_dir / f"epoch-{epoch}")
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    model.eval()
+    result.wall_time_s = time.perf_counter() - start
+    if out_dir is not None:
+        save_trainable(model, out_dir)
+    return result
+
+
+def _write_line(log, record: dict) -> None:
+    """Append one JSON object as a line and flush, so a crash leaves a readable log."""
+    log.write(json.dumps(record, default=str) + "\n")
+    log.flush()

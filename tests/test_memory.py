@@ -1,0 +1,264 @@
+"""lowrank.memory: the estimate against transformers' parameter counts, PEFT's trainable counts,
+the QLoRA paper's LLaMA-65B numbers, and peak memory measured while training tiny models."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lowrank.memory import config_to_shape, estimate_memory
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "llama": {
+        "model_type": "llama",
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 8000,
+    },
+    "gpt2": {
+        "model_type": "gpt2",
+        "n_embd": 256,
+        "n_layer": 4,
+        "n_head": 4,
+        "vocab_size": 8000,
+        "n_positions": 512,
+    },
+    "bert": {
+        "model_type": "bert",
+        "hidden_size": 256,
+        "intermediate_size": 1024,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "vocab_size": 8000,
+        "max_position_embeddings": 512,
+        "type_vocab_size": 2,
+    },
+}
+TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}
+
+# The paper's LLaMA-65B (Touvron et al. 2023) as its Hugging Face config.json states it.
+LLAMA_65B = {
+    "model_type": "llama",
+    "hidden_size": 8192,
+    "intermediate_size": 22016,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "vocab_size": 32000,
+}
+
+
+def _tiny_model(kind: str):
+    import transformers
+
+    config = transformers.AutoConfig.for_model(**TINY[kind])
+    if kind == "bert":  # the estimate counts BertModel without its pooler
+        return transformers.AutoModel.from_config(config, add_pooling_layer=False)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("kind", sorted(TINY))
+def test_parameter_counts_match_transformers_and_peft(kind):
+    # Oracles: transformers' own parameter count, and PEFT's count of LoRA's trainable numbers.
+    import peft
+
+    model = _tiny_model(kind)
+    full = estimate_memory(TINY[kind], method="full", batch_size=1, seq_len=8)
+    assert full.total_params == sum(p.numel() for p in model.parameters())
+    lora = estimate_memory(TINY[kind], method="lora", r=4, batch_size=1, seq_len=8)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[kind])
+    trainable, _ = peft.get_peft_model(model, config).get_nb_trainable_parameters()
+    assert lora.trainable_params == trainable
+
+
+def test_llama_65b_qlora_matches_the_paper():
+    # QLoRA paper (Dettmers et al. 2023): NF4 + double quantization costs 4.127 bits per weight,
+    # so LLaMA-65B's weights take 65.2e9 * 4.127 / 8 = 33.6 GB ("33-34 GB"); our figure keeps the
+    # 1.05 GB of embeddings and output head in bf16 on top of the 4-bit linear layers.
+    estimate = estimate_memory(
+        LLAMA_65B, method="qlora", batch_size=1, seq_len=512, gradient_checkpointing=True
+    )
+    assert 33e9 < estimate.weights < 35e9
+    assert 33e9 < config_to_shape(LLAMA_65B).n_params() * 4.127 / 8 < 34e9
+    # "finetune a 65B parameter model on a single 48GB GPU"; and not on a 24 GB one
+    assert estimate.fits(48e9) and not estimate.fits(24e9)
+    full = estimate_memory(LLAMA_65B, method="full", batch_size=1, seq_len=512)
+    assert full.total > 780e9  # the paper's ">780 GB of GPU memory" for 16-bit full fine-tuning
+    assert "total" in str(estimate) and "fits in 48 GB" in str(estimate)
+
+
+def test_checkpointing_and_methods_order():
+    kwargs = dict(batch_size=8, seq_len=512)
+    full, lora, qlora = (
+        estimate_memory(LLAMA_65B, method=m, **kwargs) for m in ("full", "lora", "qlora")
+    )
+    assert full.total > lora.total > qlora.total
+    checkpointed = estimate_memory(LLAMA_65B, method="lora", gradient_checkpointing=True, **kwargs)
+    assert checkpointed.activations < lora.activations / 5
+
+
+def test_config_from_folder(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(TINY["bert"]))
+    assert estimate_memory(tmp_path).total == estimate_memory(TINY["bert"]).total
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(method="adam"), "method must be one of"),
+        (dict(targets=["q_proj"]), r"unknown targets \['q_proj'\]"),
+        (dict(batch_size=0), "batch_size must be a positive int"),
+        (dict(dtype="int8"), "dtype must be one of"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        estimate_memory(TINY["bert"], **kwargs)
+
+
+def test_unknown_architecture():
+    with pytest.raises(ValueError, match="model_type 't5' is not supported"):
+        estimate_memory({"model_type": "t5"})
+
+
+# --- the estimate against measurement ------------------------------------------------------
+
+# Runs in a fresh process per call: builds each model from its config, trains 2 AdamW steps,
+# and reports the rise of the process's peak resident memory (Linux VmHWM, reset before each
+# case). MALLOC_MMAP_THRESHOLD_ makes glibc return freed tensors to the OS at once, so resident
+# memory follows what is allocated. A one-layer warm-up first loads code and thread pools.
+PROBE = r"""
+import gc, json, sys
+import torch, transformers
+from lowrank.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+from lowrank.torch.lora import add_lora
+
+torch.set_num_threads(1)
+results = []
+for case in json.loads(sys.argv[1]):
+    cfg = case["config"]
+    decoder = cfg["model_type"] != "bert"
+
+    def build(config):
+        auto = transformers.AutoModelForCausalLM if decoder else transformers.AutoModel
+        model = auto.from_config(config)
+        if case["method"] != "full":
+            quant_type = "nf4" if case["method"] == "qlora" else None
+            add_lora(model, case["targets"], r=8, alpha=16, quant_type=quant_type)
+        if case["checkpointing"]:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        return model.train()
+
+    def step(model, ids, optimizer):
+        out = model(input_ids=ids, labels=ids) if decoder else model(input_ids=ids)
+        loss = out.loss if decoder else out.last_hidden_state.pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, cfg["vocab_size"], (case["batch_size"], case["seq_len"]))
+    small = transformers.AutoConfig.for_model(**{**cfg, "num_hidden_layers": 1, "n_layer": 1})
+    warm = build(small)
+    step(warm, ids[:1, :8], torch.optim.AdamW([p for p in warm.parameters() if p.requires_grad]))
+    del warm
+    gc.collect()
+    reset_peak_rss()
+    start = current_rss_bytes()
+    model = build(transformers.AutoConfig.for_model(**cfg))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    for _ in range(2):
+        step(model, ids, optimizer)
+    results.append(peak_rss_bytes() - start)
+    del model, optimizer
+    gc.collect()
+print(json.dumps(results))
+"""
+
+CASES = [  # (architecture, method, batch, tokens, gradient checkpointing)
+    ("llama", "full", 8, 128, False),
+    ("llama", "qlora", 8, 128, False),
+    ("gpt2", "lora", 8, 128, False),
+    ("bert", "full", 8, 128, True),
+]
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_estimate_within_25_percent_of_measured_peak_on_cpu():
+    cases = [
+        dict(config=TINY[k], method=m, batch_size=b, seq_len=s, targets=TARGETS[k], checkpointing=c)
+        for k, m, b, s, c in CASES
+    ]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    for case, peak in zip(cases, measured, strict=True):
+        estimate = estimate_memory(
+            case["config"],
+            method=case["method"],
+            batch_size=case["batch_size"],
+            seq_len=case["seq_len"],
+            targets=case["targets"] if case["method"] != "full" else None,
+            gradient_checkpointing=case["checkpointing"],
+            dtype="fp32",
+        )
+        ratio = peak / estimate.total
+        print(f"{case['config']['model_type']} {case['method']}: measured / estimate = {ratio:.2f}")
+        assert abs(peak - estimate.total) <= 0.25 * estimate.total, (case, peak, estimate.total)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind, method", [("llama", "full"), ("llama", "lora"), ("bert", "lora")])
+def test_estimate_within_15_percent_of_cuda_peak(kind, method):
+    # Oracle: the CUDA caching allocator's own peak (torch.cuda.max_memory_allocated), counted
+    # from just before the model is built; fp32 weights, 2 AdamW steps.
+    import torch
+
+    from lowrank.torch.lora import add_lora
+
+    batch_size, seq_len = 8, 256
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    ids = torch.randint(0, TINY[kind]["vocab_size"], (batch_size, seq_len), device=device)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    model = _tiny_model(kind).to(device).train()
+    if method == "lora":
+        add_lora(model, TARGETS[kind], r=8, alpha=16)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    for _ in range(2):
+        if kind == "bert":
+            loss = model(input_ids=ids).last_hidden_state.pow(2).mean()
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - start
+    estimate = estimate_memory(
+        TINY[kind],
+        method=method,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        targets=TARGETS[kind] if method == "lora" else None,
+        dtype="fp32",
+    )
+    assert abs(peak - estimate.total) <= 0.15 * estimate.total, (peak, estimate.total)

@@ -1,0 +1,99 @@
+"""The `lowrank` command line: estimate, finetune (on tiny local models), and bad data files."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+
+from lowrank.cli import build_parser, main
+from lowrank.torch.hf import minilm_path
+
+
+def test_commands_exist():
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"numpy-demo", "demo", "finetune", "estimate"} <= set(commands)
+
+
+def test_estimate_prints_the_breakdown(capsys):
+    assert main(["estimate", str(minilm_path()), "--method", "qlora", "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    for part in ("weights", "adapters", "gradients", "optimizer", "activations", "total", "fits"):
+        assert part in out
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory):
+    """A tiny random Llama and a tiny random BERT, each with all-MiniLM's (BERT) tokenizer."""
+    folders = {}
+    vocab = 30522
+    configs = {
+        "llama": transformers.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=vocab,
+        ),
+        "bert": transformers.BertConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=vocab,
+        ),
+    }
+    for kind, config in configs.items():
+        folder = tmp_path_factory.mktemp(kind)
+        torch.manual_seed(0)
+        model = (
+            transformers.LlamaForCausalLM(config)
+            if kind == "llama"
+            else transformers.BertForSequenceClassification(config)
+        )
+        model.save_pretrained(folder)
+        for name in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "vocab.txt",
+            "special_tokens_map.json",
+        ):
+            shutil.copy(minilm_path() / name, folder / name)
+        folders[kind] = folder
+    return folders
+
+
+def _jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return path
+
+
+def test_finetune_qlora_causal_lm(tiny_folders, tmp_path, capsys):
+    rows = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(12)]
+    data = _jsonl(tmp_path / "pc.jsonl", rows)
+    out = tmp_path / "run"
+    argv = ["finetune", str(tiny_folders["llama"]), str(data), "--method", "qlora", "--r", "4"]
+    assert main([*argv, "--batch-size", "4", "--out", str(out)]) == 0
+    assert "3 steps" in capsys.readouterr().out
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 and (out / "adapter_model.safetensors").is_file()
+    assert sum(1 for _ in open(out / "log.jsonl")) == 1 + 3  # config line + one per step
+
+
+def test_finetune_lora_classification(tiny_folders, tmp_path):
+    rows = [{"text": w, "label": "pos" if i % 2 else "neg"} for i, w in enumerate("abcdefgh")]
+    data = _jsonl(tmp_path / "cls.jsonl", rows)
+    out = tmp_path / "run"
+    argv = ["finetune", str(tiny_folders["bert"]), str(data), "--targets", "query,value"]
+    assert main([*argv, "--batch-size", "4", "--epochs", "2", "--out", str(out)]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    assert (out / "trainable.safetensors").is_file()  # the new classification head
+
+
+def test_finetune_bad_data_names_the_line(tiny_folders, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": "broken"\n')
+    assert main(["finetune", str(tiny_folders["llama"]), str(data)]) == 2
+    out = capsys.readouterr().out
+    assert "bad.jsonl:3: not valid JSON" in out
