@@ -1,0 +1,303 @@
+"""Plots and sliders shared by the notebooks (matplotlib + ipywidgets).
+
+The notebooks compute everything with the library and hand the numbers to these functions, so
+a notebook cell stays one idea long. Each `plot_*` function draws into a matplotlib `Axes` you
+pass in (or a new one) and returns it; none of them computes anything the reader should trust
+without seeing the code that produced the numbers.
+
+`explore(draw, r=[1, 2, 4, 8])` is the one interactive control: in a live Jupyter front end it
+shows a slider per parameter (ipywidgets); headless (CI runs notebooks with LOWRANK_SMOKE=1,
+or when ipywidgets or a kernel is missing, or LOWRANK_STATIC=1) it draws the same `draw`
+function once per listed value, side by side, so the notebook shows a few values instead of
+nothing. A kernel cannot see whether a browser is attached, so the environment variables are
+the honest switch: set LOWRANK_STATIC=1 to get static figures for an HTML export.
+
+Papers behind the pictures: Hu et al. 2021, LoRA (arXiv:2106.09685), figure 3 (subspace
+similarity); Dettmers et al. 2023, QLoRA (arXiv:2305.14314), NF4 levels and memory footprint.
+"""
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
+
+
+def widgets_available() -> bool:
+    """True when sliders can work: ipywidgets importable, inside an IPython kernel, and neither
+    LOWRANK_SMOKE=1 nor LOWRANK_STATIC=1 is set (the headless switches)."""
+    if os.environ.get("LOWRANK_SMOKE") == "1" or os.environ.get("LOWRANK_STATIC") == "1":
+        return False
+    try:
+        import ipywidgets  # noqa: F401
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def explore(
+    draw: Callable[..., object],
+    *,
+    static_values: int = 4,
+    panel_size: tuple[float, float] = (4.0, 3.2),
+    **choices: Sequence,
+) -> None:
+    """Let the reader move `draw`'s parameters; `draw(ax, **params)` draws one panel.
+
+    Each keyword is a parameter name with the list of values the slider offers, e.g.
+    `explore(draw, r=[1, 2, 4, 8, 16], log=[True, False])`; the first value is the default.
+    With a widget front end: one selection slider per parameter, redrawn on change.
+    Without one: the first parameter is shown at up to `static_values` values spread over its
+    list (first and last included), the others at their defaults, one panel each.
+    """
+    if not choices:
+        raise ValueError("explore needs at least one parameter, e.g. explore(draw, r=[1, 2, 4])")
+    for name, values in choices.items():
+        if isinstance(values, str | bytes) or len(values) == 0:
+            raise ValueError(f"parameter {name!r} needs a non-empty list of values, got {values!r}")
+    if static_values < 1:
+        raise ValueError(f"static_values must be at least 1, got {static_values}")
+
+    if widgets_available():
+        import ipywidgets
+
+        def redraw(**params):
+            fig, ax = plt.subplots(figsize=panel_size)
+            draw(ax, **params)
+            fig.tight_layout()
+            plt.show()
+
+        sliders = {  # (label, value) pairs: a bare 2-tuple value would be read as such a pair
+            name: ipywidgets.SelectionSlider(
+                options=[(_label(v), v) for v in values], value=values[0], description=name
+            )
+            for name, values in choices.items()
+        }
+        ipywidgets.interact(redraw, **sliders)
+        return
+
+    grid = static_grid(choices, static_values)
+    fig, axes = plt.subplots(
+        1, len(grid), figsize=(panel_size[0] * len(grid), panel_size[1]), squeeze=False
+    )
+    for ax, params in zip(axes[0], grid, strict=True):
+        draw(ax, **params)
+    fig.tight_layout()
+    plt.show()
+
+
+def static_grid(choices: Mapping[str, Sequence], static_values: int) -> list[dict]:
+    """The parameter sets the static fallback draws: the first parameter at up to
+    `static_values` evenly spread values of its list, every other parameter at its first value."""
+    names = list(choices)
+    first = list(choices[names[0]])
+    picks = np.unique(np.linspace(0, len(first) - 1, min(static_values, len(first))).round())
+    defaults = {name: choices[name][0] for name in names[1:]}
+    return [{names[0]: first[int(i)], **defaults} for i in picks]
+
+
+def _label(value: object) -> str:
+    """How a slider shows a value: tuples and lists joined by '/', anything else as str()."""
+    if isinstance(value, tuple | list):
+        return "/".join(str(v) for v in value)
+    return str(value)
+
+
+def _axes(ax: Axes | None, figsize: tuple[float, float] = (5.0, 3.5)) -> Axes:
+    if ax is None:
+        _, ax = plt.subplots(figsize=figsize)
+    return ax
+
+
+def plot_spectra(
+    spectra: Mapping[str, np.ndarray],
+    *,
+    ax: Axes | None = None,
+    normalize: bool = True,
+    title: str = "singular values",
+) -> Axes:
+    """One line per matrix: its singular values in descending order (log scale).
+
+    normalize=True divides each spectrum by its largest value so matrices of different scale
+    (a fine-tuning update and a random matrix) can share the axes.
+    """
+    ax = _axes(ax)
+    for label, s in spectra.items():
+        s = np.sort(np.asarray(s, dtype=np.float64))[::-1]
+        ax.plot(np.arange(1, len(s) + 1), s / s[0] if normalize else s, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("index i")
+    ax.set_ylabel("sigma_i / sigma_1" if normalize else "sigma_i")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    return ax
+
+
+def plot_energy(
+    spectra: Mapping[str, np.ndarray],
+    *,
+    ax: Axes | None = None,
+    max_rank: int | None = None,
+    mark: float | None = 0.9,
+    title: str = "energy in the top-r directions",
+) -> Axes:
+    """Cumulative share of the squared Frobenius norm held by the top-r singular values."""
+    ax = _axes(ax)
+    for label, s in spectra.items():
+        s2 = np.sort(np.asarray(s, dtype=np.float64))[::-1] ** 2
+        share = np.cumsum(s2) / s2.sum()
+        if max_rank is not None:
+            share = share[:max_rank]
+        ax.plot(np.arange(1, len(share) + 1), share, label=label)
+    if mark is not None:
+        ax.axhline(mark, color="grey", linestyle=":", linewidth=1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("rank r")
+    ax.set_ylabel("share of ||M||_F^2")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    return ax
+
+
+def plot_matrices(
+    matrices: Mapping[str, np.ndarray], *, axes: Sequence[Axes] | None = None, cmap: str = "RdBu_r"
+) -> Sequence[Axes]:
+    """Show matrices side by side as images on one symmetric colour scale (0 is white)."""
+    if axes is None:
+        _, axes = plt.subplots(1, len(matrices), figsize=(3.2 * len(matrices), 3.2), squeeze=False)
+        axes = axes[0]
+    if len(axes) != len(matrices):
+        raise ValueError(f"got {len(matrices)} matrices but {len(axes)} axes")
+    limit = max(float(np.abs(np.asarray(m)).max()) for m in matrices.values()) or 1.0
+    for ax, (label, m) in zip(axes, matrices.items(), strict=True):
+        ax.imshow(np.asarray(m), cmap=cmap, vmin=-limit, vmax=limit)
+        ax.set_title(label, fontsize="small")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return axes
+
+
+def plot_curves(
+    curves: Mapping[str, Sequence[float]],
+    *,
+    ax: Axes | None = None,
+    xlabel: str = "step",
+    ylabel: str = "loss",
+    log: bool = False,
+    title: str = "",
+) -> Axes:
+    """Training curves (or any series), one line per label."""
+    ax = _axes(ax)
+    for label, values in curves.items():
+        ax.plot(np.arange(len(values)), np.asarray(values, dtype=np.float64), label=label)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    return ax
+
+
+def plot_stacked(
+    breakdowns: Mapping[str, Mapping[str, float]],
+    *,
+    ax: Axes | None = None,
+    scale: float = 2.0**30,
+    unit: str = "GiB",
+    title: str = "where the memory goes",
+) -> Axes:
+    """Stacked bars: one bar per setting (e.g. full / LoRA / QLoRA), one segment per component
+    (weights, gradients, optimizer state, activations...), values in bytes divided by `scale`."""
+    ax = _axes(ax, figsize=(6.0, 4.0))
+    components: list[str] = []  # in first-seen order; a component that is 0 everywhere is left out
+    for parts in breakdowns.values():
+        components += [c for c, v in parts.items() if v and c not in components]
+    bottoms = np.zeros(len(breakdowns))
+    for component in components:
+        heights = np.array([parts.get(component, 0.0) / scale for parts in breakdowns.values()])
+        ax.bar(list(breakdowns), heights, bottom=bottoms, label=component)
+        bottoms += heights
+    for x, total in enumerate(bottoms):
+        ax.annotate(f"{total:,.1f}", (x, total), ha="center", va="bottom", fontsize="small")
+    ax.set_ylabel(unit)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    return ax
+
+
+def plot_levels(
+    codebooks: Mapping[str, np.ndarray],
+    *,
+    ax: Axes | None = None,
+    weights: np.ndarray | None = None,
+    title: str = "4-bit levels",
+) -> Axes:
+    """Each codebook's levels as ticks on its own row; optionally the histogram of the
+    (absmax-scaled) weights behind them, to see where levels are dense and where weights are."""
+    ax = _axes(ax, figsize=(7.0, 3.0))
+    if weights is not None:
+        twin = ax.twinx()
+        twin.hist(np.ravel(weights), bins=101, range=(-1, 1), color="lightgrey")
+        twin.set_yticks([])
+        ax.set_zorder(twin.get_zorder() + 1)
+        ax.patch.set_visible(False)
+    for row, levels in enumerate(codebooks.values()):
+        levels = np.asarray(levels, dtype=np.float64)
+        ax.plot(levels, np.full_like(levels, row), "|", markersize=18, markeredgewidth=2)
+    ax.set_yticks(range(len(codebooks)), list(codebooks))
+    ax.set_ylim(-0.7, len(codebooks) - 0.3)
+    ax.set_xlim(-1.05, 1.05)
+    ax.set_xlabel("value (in units of the block's absmax)")
+    ax.set_title(title)
+    return ax
+
+
+def plot_heatmap(
+    values: np.ndarray,
+    *,
+    ax: Axes | None = None,
+    xlabel: str = "j",
+    ylabel: str = "i",
+    title: str = "",
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+) -> Axes:
+    """A grid of numbers in [vmin, vmax] with row/column indices starting at 1 (as in the LoRA
+    paper's subspace-similarity figure)."""
+    ax = _axes(ax, figsize=(4.0, 3.5))
+    values = np.asarray(values, dtype=np.float64)
+    image = ax.imshow(values, vmin=vmin, vmax=vmax, cmap="viridis", origin="upper")
+    ax.set_xticks(range(values.shape[1]), range(1, values.shape[1] + 1))
+    ax.set_yticks(range(values.shape[0]), range(1, values.shape[0] + 1))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.figure.colorbar(image, ax=ax)
+    return ax
+
+
+def plot_bars(
+    values: Mapping[str, float],
+    *,
+    ax: Axes | None = None,
+    log: bool = False,
+    ylabel: str = "",
+    title: str = "",
+    fmt: str = "{:,.3g}",
+) -> Axes:
+    """Labelled bars with their value written on top."""
+    ax = _axes(ax)
+    heights = [float(v) for v in values.values()]
+    ax.bar(list(values), heights)
+    for x, height in enumerate(heights):
+        ax.annotate(fmt.format(height), (x, height), ha="center", va="bottom", fontsize="small")
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.tick_params(axis="x", labelrotation=20)
+    return ax
