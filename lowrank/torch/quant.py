@@ -12,16 +12,19 @@ value back. The one check that would need to read one, "does w hold NaN or inf?"
 done on CPU tensors only (on CUDA a NaN or inf makes its block's absmax NaN or inf;
 `qlora.Linear4bit` checks its weights itself).
 
-On CPU, PyTorch's per-element gathers and its binary search are slow, so the two table steps
-go through NumPy on the same memory: the nearest level comes from a lookup on the top 16 bits
-of each float (`_nearest_code_cpu`), and decoding looks up two bytes (four levels) at a time
-(`_levels`). They give exactly the codes and values of the plain tensor path that CUDA runs
-(`_nearest_code`, a bucketize over the midpoints), which tests/torch/test_quant.py checks.
+On CPU, PyTorch's per-element gathers and its binary search are slow, so the CPU paths work
+in NumPy on the same memory: the nearest level comes from a lookup on the top 16 bits of each
+float (`_nearest_code_cpu`), and decoding looks up the two levels of each byte (`_levels`).
+They give exactly the codes and values of the plain tensor path that CUDA runs (`_nearest_code`,
+a bucketize over the midpoints), which tests/torch/test_quant.py checks. The CPU paths also cut
+the tensor into chunks and run each chunk start to end (scale, look up, pack) while its
+temporaries are still in the CPU caches, on a few threads (`_run_chunks`).
 """
 
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 
@@ -38,6 +41,10 @@ from lowrank.numpy.quant import (
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _TINY = 1e-38  # stands in for an all-zero block's absmax when dividing (0 * 1e38 = 0)
+# Values per task on CPU, so that a task's temporaries (about 20 bytes per value when
+# quantizing, 10 when decoding) stay in the caches while it runs; measured on 4096 x 4096.
+_QUANTIZE_CHUNK = 1 << 18
+_DEQUANTIZE_CHUNK = 1 << 19
 
 
 def nf4_code(device: torch.device | str | None = None) -> torch.Tensor:
@@ -147,15 +154,19 @@ def quantize_4bit(
         raise TypeError(f"w must be float32, bfloat16, float16 or float64, got {w.dtype}")
     if w.numel() == 0:
         raise ValueError("cannot quantize an empty tensor")
-    x = w.detach().reshape(-1).float()  # (n,), float32 like bitsandbytes
-
-    codes, absmax = _quantize_blocks(x, blocksize, quant_type)
-    # NaN or inf anywhere makes its block's absmax NaN or inf, so checking the scales is enough
-    # (the CPU path checks inside _quantize_blocks_cpu). On CUDA this is quantize's one host
-    # sync: the contract's ValueError needs the answer on the host.
-    if x.device.type != "cpu" and not bool(torch.isfinite(absmax).all()):
-        raise ValueError("w contains NaN or inf (or values beyond the float32 range)")
-    packed = pack_4bit(codes, pad_code=_search_table(quant_type, x.device).pad_code)
+    x = w.detach().reshape(-1)  # (n,)
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        # read as float32 chunk by chunk (bfloat16 widens exactly), the codes packed as they come
+        packed, absmax = _quantize_blocks_cpu(x, blocksize, quant_type, pack=True)
+    else:
+        x = x.float()  # float32 like bitsandbytes
+        codes, absmax = _quantize_blocks(x, blocksize, quant_type)
+        # NaN or inf anywhere makes its block's absmax NaN or inf, so checking the scales is
+        # enough (the CPU path checks inside _quantize_blocks_cpu). On CUDA this is quantize's
+        # one host sync: the contract's ValueError needs the answer on the host.
+        if x.device.type != "cpu" and not bool(torch.isfinite(absmax).all()):
+            raise ValueError("w contains NaN or inf (or values beyond the float32 range)")
+        packed = pack_4bit(codes, pad_code=_search_table(quant_type, x.device).pad_code)
     offset, absmax2 = None, None
     if double_quant:
         offset = absmax.mean(dtype=torch.float64).float()  # float64 sum, rounded once (as NumPy)
@@ -176,32 +187,78 @@ def quantize_4bit(
 def dequantize_4bit(q: Quantized4bit) -> torch.Tensor:
     """Rebuild the tensor: `code[c] * absmax[block]` in float32, returned as `q.dtype`."""
     n = _numel(q.shape)
-    values = _levels(q.packed, q.quant_type)  # [2 * ceil(n / 2)] float32
     absmax = q.absmax_float32()
+    if q.device.type == "cpu":
+        return _dequantize_cpu(q.packed, absmax, n, q.blocksize, q.quant_type, q.dtype).view(
+            q.shape
+        )
+    values = _levels(q.packed, q.quant_type)  # [2 * ceil(n / 2)] float32
     n_blocks = absmax.numel()
     if values.numel() != n_blocks * q.blocksize:  # a short last block or an odd pad nibble
         values = F.pad(values[:n], (0, n_blocks * q.blocksize - n))
     blocks = values.view(n_blocks, q.blocksize)  # [n_blocks, blocksize], a fresh buffer
-    if blocks.device.type == "cpu":  # scaled in place; NumPy's loop, as in _quantize_blocks_cpu
-        np.multiply(blocks.numpy(), absmax.numpy()[:, None], out=blocks.numpy())
-    else:
-        blocks.mul_(absmax[:, None])
+    blocks.mul_(absmax[:, None])
     return blocks.reshape(-1)[:n].reshape(q.shape).to(q.dtype)
+
+
+def _dequantize_cpu(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    n: int,
+    blocksize: int,
+    quant_type: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """`dequantize_4bit` on CPU, [n] of `dtype`: chunk by chunk in NumPy, on a few threads.
+
+    float32 and bfloat16 results are written straight into the output; the bfloat16 rounding is
+    done on the float32 bits (as torch's cast does). Other dtypes, and scales that are not finite
+    (where torch's cast has its own NaN bit patterns), are made in float32 and cast by torch.
+    """
+    packed, scales = packed.contiguous(), absmax.numpy()
+    as_bfloat16 = dtype == torch.bfloat16 and bool(np.all(np.isfinite(scales)))
+    out = np.empty(n, np.uint16 if as_bfloat16 else np.float32)  # bfloat16 as its bits
+    chunk = max(_DEQUANTIZE_CHUNK, blocksize)  # a multiple of blocksize, and even
+
+    def dequantize_chunk(start: int) -> None:
+        stop = min(start + chunk, n)
+        whole = (stop - start) // blocksize  # whole blocks; the chunk may end with a short one
+        full = whole * blocksize
+        levels = _levels(packed[start // 2 : -(-stop // 2)], quant_type).numpy()[: stop - start]
+        block_scales = scales[start // blocksize : -(-stop // blocksize)]
+        products = levels if as_bfloat16 else out[start:stop]  # float32 level * absmax
+        np.multiply(
+            levels[:full].reshape(whole, blocksize),
+            block_scales[:whole, None],
+            out=products[:full].reshape(whole, blocksize),
+        )
+        np.multiply(levels[full:], block_scales[whole:], out=products[full:])  # a short block
+        if as_bfloat16:
+            _round_to_bfloat16(levels, out=out[start:stop])
+
+    _run_chunks(dequantize_chunk, n, chunk)
+    values = torch.from_numpy(out)
+    return values.view(torch.bfloat16) if as_bfloat16 else values.to(dtype)
+
+
+def _round_to_bfloat16(values: np.ndarray, out: np.ndarray) -> None:
+    """Round finite float32 `values` to bfloat16 bits (uint16 `out`), to nearest, ties to even,
+    exactly as torch's cast: add 0x7FFF plus the lowest kept bit, then keep the top 16 bits."""
+    bits = values.view(np.uint32)
+    rounded = bits >> 16
+    rounded &= 1
+    rounded += bits
+    rounded += 0x7FFF  # a finite float32's bits + 0x8000 stays below 2 ** 32
+    rounded >>= 16
+    np.copyto(out, rounded, casting="unsafe")  # each value now fits in 16 bits
 
 
 def _levels(packed: torch.Tensor, quant_type: str) -> torch.Tensor:
     """The level of every nibble in `packed`, in order (high nibble first), float32."""
-    if packed.device.type == "cpu":
-        # two bytes per lookup, from a 1 MiB table: far faster than a per-byte gather on CPU
-        n_bytes = packed.numel()
-        if n_bytes % 2:
-            packed = torch.cat([packed, packed.new_zeros(1)])
-        pairs = packed.contiguous().numpy().view(np.uint16)
-        if sys.byteorder == "big":
-            pairs = pairs.byteswap()
-        levels = np.take(_quad_table(quant_type), pairs, axis=0).reshape(-1)
-        return torch.from_numpy(levels[: 2 * n_bytes])
-    return _pair_table(quant_type, packed.device)[packed.long()].reshape(-1)
+    table = _pair_table(quant_type, packed.device)  # [256, 2]
+    if packed.device.type == "cpu":  # NumPy's take: far faster than torch's gather on CPU
+        return torch.from_numpy(np.take(table.numpy(), packed.numpy(), axis=0).reshape(-1))
+    return table[packed.long()].reshape(-1)
 
 
 def pack_4bit(codes: torch.Tensor, pad_code: int = 0) -> torch.Tensor:
@@ -211,12 +268,24 @@ def pack_4bit(codes: torch.Tensor, pad_code: int = 0) -> torch.Tensor:
         raise ValueError("codes must be a 1-D uint8 tensor of values 0..15")
     if codes.numel() % 2:
         codes = torch.cat([codes, codes.new_full((1,), pad_code)])
-    if codes.device.type == "cpu" and sys.byteorder == "little":
-        # read each pair as one little-endian uint16 (first code in the low byte): 3x faster
-        pairs16 = codes.contiguous().numpy().view(np.uint16)
-        return torch.from_numpy(((pairs16 << 4) | (pairs16 >> 8)).astype(np.uint8))
+    if codes.device.type == "cpu":
+        packed = np.empty(codes.numel() // 2, np.uint8)
+        _pack_pairs(codes.contiguous().numpy(), out=packed)
+        return torch.from_numpy(packed)
     pairs = codes.view(-1, 2)
     return (pairs[:, 0] << 4) | pairs[:, 1]
+
+
+def _pack_pairs(codes: np.ndarray, out: np.ndarray) -> None:
+    """`pack_4bit` for an even number of NumPy codes, written into `out` (uint8)."""
+    if sys.byteorder == "little":
+        # read each pair as one little-endian uint16 (first code in the low byte): 3x faster;
+        # the uint16 result's low byte is (first << 4) | second, which the unsafe cast keeps
+        pairs = codes.view(np.uint16)
+        np.bitwise_or(pairs << 4, pairs >> 8, out=out, casting="unsafe")
+    else:
+        np.left_shift(codes[0::2], 4, out=out)
+        out |= codes[1::2]
 
 
 def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -354,31 +423,71 @@ def _quantize_blocks_tensor(
 
 
 def _quantize_blocks_cpu(
-    x: torch.Tensor, blocksize: int, table: str
+    x: torch.Tensor, blocksize: int, table: str, pack: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_quantize_blocks` on CPU: the same float32 steps in NumPy, on the tensor's own memory.
+    """`_quantize_blocks` on CPU: the same float32 steps in NumPy, on the tensor's own memory,
+    for float32 or bfloat16 x (bfloat16 is the top half of a float32: widening it is exact).
 
-    Single-threaded NumPy passes and the 16-bit cell lookup of `_nearest_code_cpu` run several
-    times faster here than PyTorch's CPU kernels (its binary search and gathers are slow, and
-    its small multi-threaded operations stall when the cores are busy).
+    Chunk by chunk on a few threads, as the module docstring says; with `pack` the codes come
+    back packed (`pack_4bit`, padded with the code of 0.0) instead of one per byte. NumPy
+    passes and the 16-bit cell lookup of `_nearest_code_cpu` run several times faster here
+    than PyTorch's CPU kernels (its binary search and gathers are slow).
     """
-    values = x.contiguous().numpy()  # [n], shares memory with x; only read
-    n = values.size
-    n_blocks = -(-n // blocksize)
-    padded = values
-    if n % blocksize:
-        padded = np.zeros(n_blocks * blocksize, dtype=np.float32)  # zeros keep every absmax
-        padded[:n] = values
-    blocks = padded.reshape(n_blocks, blocksize)
-    absmax = np.abs(blocks).max(axis=1)  # [n_blocks]
-    # a NaN or inf anywhere makes its block's absmax NaN or inf: check the few scales only
-    if not np.all(np.isfinite(absmax)):
-        raise ValueError("w contains NaN or inf (or values beyond the float32 range)")
-    inverse = np.float32(1.0) / np.maximum(absmax, np.float32(_TINY))
-    scaled = (blocks * inverse[:, None]).reshape(-1)[:n]  # [n]
-    full = n - n % blocksize
-    scaled[full:] = values[full:] / np.maximum(absmax[-1], np.float32(_TINY))  # as bitsandbytes
-    return _nearest_code_cpu(scaled, table), torch.from_numpy(absmax)
+    x = x.contiguous()  # [n]; only read
+    source = x.view(torch.int16).numpy() if x.dtype == torch.bfloat16 else x.numpy()
+    n = source.size
+    absmax = np.empty(-(-n // blocksize), np.float32)  # [n_blocks]
+    codes = np.empty(-(-n // 2) if pack else n, np.uint8)
+    pad_code = _search_table(table, torch.device("cpu")).pad_code
+    chunk = max(_QUANTIZE_CHUNK, blocksize)  # a multiple of blocksize, and even
+
+    def quantize_chunk(start: int) -> None:
+        stop = min(start + chunk, n)
+        values = source[start:stop]
+        if values.dtype == np.int16:  # bfloat16 bits: shifted up, they are the float32 bits
+            values = np.left_shift(values.view(np.uint16), 16, dtype=np.uint32).view(np.float32)
+        whole = (stop - start) // blocksize  # whole blocks; the chunk may end with a short one
+        full = whole * blocksize
+        scales = absmax[start // blocksize : -(-stop // blocksize)]
+        # |x| is x's bits without the sign bit; read as integers, such bits order like the
+        # values (NaN's above inf's), and NumPy's integer max is twice as fast as its float max
+        magnitude = values.view(np.uint32) & np.uint32(0x7FFFFFFF)
+        magnitude[:full].reshape(whole, blocksize).max(axis=1, out=scales[:whole].view(np.uint32))
+        if full < stop - start:
+            scales.view(np.uint32)[whole] = magnitude[full:].max()
+        # a NaN or inf anywhere makes its block's absmax NaN or inf: check the few scales only
+        if not np.all(np.isfinite(scales)):
+            raise ValueError("w contains NaN or inf (or values beyond the float32 range)")
+        scaled = magnitude.view(np.float32)  # [stop - start], reuses the buffer
+        inverse = np.float32(1.0) / np.maximum(scales[:whole], np.float32(_TINY))
+        blocks = values[:full].reshape(whole, blocksize)
+        np.multiply(blocks, inverse[:, None], out=scaled[:full].reshape(whole, blocksize))
+        if full < stop - start:  # bitsandbytes divides a short last block
+            scaled[full:] = values[full:] / np.maximum(scales[whole], np.float32(_TINY))
+        chunk_codes = _nearest_code_cpu(scaled, table).numpy()
+        if not pack:
+            codes[start:stop] = chunk_codes
+            return
+        if chunk_codes.size % 2:  # only the last chunk can be odd
+            chunk_codes = np.append(chunk_codes, np.uint8(pad_code))
+        _pack_pairs(chunk_codes, out=codes[start // 2 : -(-stop // 2)])
+
+    _run_chunks(quantize_chunk, n, chunk)
+    return torch.from_numpy(codes), torch.from_numpy(absmax)
+
+
+def _run_chunks(work: Callable[[int], None], n: int, chunk: int) -> None:
+    """Call `work(start)` for start = 0, chunk, 2 * chunk, ... below n, on up to
+    `torch.get_num_threads()` threads: NumPy lets go of Python's global lock inside its loops,
+    so the chunks really run side by side. Each call writes its own slice of the outputs."""
+    starts = range(0, n, chunk)
+    workers = min(torch.get_num_threads(), len(starts))
+    if workers <= 1:
+        for start in starts:
+            work(start)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(work, starts))  # list() waits, and re-raises a chunk's error here
 
 
 def _nearest_code(scaled: torch.Tensor, table: str) -> torch.Tensor:
@@ -401,8 +510,10 @@ def _nearest_code_cpu(scaled: np.ndarray, table: str) -> torch.Tensor:
     (+inf where the cell holds none): two lookups and a comparison instead of a binary search.
     """
     search = _search_table(table, torch.device("cpu"))
-    cell = scaled.view(np.uint32) >> 16
-    position = np.take(search.below, cell) + (scaled > np.take(search.threshold, cell))
+    # take() works on intp indices: convert the cells once, not in each of the two lookups
+    cell = (scaled.view(np.uint32) >> 16).astype(np.intp)
+    position = np.take(search.below, cell)
+    position += scaled > np.take(search.threshold, cell)
     if search.order_np is not None:  # FP4: sorted position -> code
         position = np.take(search.order_np, position)
     return torch.from_numpy(position)
@@ -444,15 +555,6 @@ def _search_table(table: str, device: torch.device) -> _Search:
         below=below.astype(np.uint8),
         threshold=threshold.astype(np.float32),
     )
-
-
-@cache
-def _quad_table(quant_type: str) -> np.ndarray:
-    """[65536, 4] float32: the levels of the four nibbles of a little-endian uint16 (two
-    packed bytes b0 = u & 0xFF, b1 = u >> 8): hi(b0), lo(b0), hi(b1), lo(b1)."""
-    code = reference.code_for(quant_type)
-    u = np.arange(65536)
-    return np.stack([code[(u >> 4) & 15], code[u & 15], code[u >> 12], code[(u >> 8) & 15]], 1)
 
 
 @cache

@@ -208,3 +208,37 @@ def test_cuda_rejects_non_finite_input():
     w[3, 5] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
         quantize_4bit(w)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_many_chunks_on_threads_equal_the_numpy_reference(
+    monkeypatch, quant_type, dtype, double_quant
+):
+    """The CPU path splits work into chunks run on threads; tiny chunks force dozens of them
+    (and a short last block) so chunk seams are covered. Oracle: lowrank.numpy, unchunked."""
+    import numpy as np
+
+    from lowrank.numpy import quant as reference
+
+    monkeypatch.setattr(quant, "_QUANTIZE_CHUNK", 64)
+    monkeypatch.setattr(quant, "_DEQUANTIZE_CHUNK", 128)
+    w = torch.randn(10_001, generator=torch.Generator().manual_seed(1)).to(dtype)
+    ours = quantize_4bit(w, blocksize=64, quant_type=quant_type, double_quant=double_quant)
+    expected = reference.quantize_4bit(
+        w.float().numpy(), blocksize=64, quant_type=quant_type, double_quant=double_quant
+    )
+    np.testing.assert_array_equal(ours.packed.numpy(), expected.packed)
+    np.testing.assert_array_equal(ours.absmax.numpy(), expected.absmax)
+    values = reference.dequantize_4bit(expected)  # float32
+    # torch's own float32 -> dtype cast of the reference values is the oracle for rounding
+    assert torch.equal(dequantize_4bit(ours), torch.from_numpy(values).to(dtype))
+
+
+def test_non_finite_value_in_a_later_chunk_is_caught(monkeypatch):
+    monkeypatch.setattr(quant, "_QUANTIZE_CHUNK", 64)
+    w = torch.randn(5_000)
+    w[4_321] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        quantize_4bit(w)
