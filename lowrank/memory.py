@@ -31,6 +31,8 @@ data loader. The estimate is checked against measured peaks in tests/test_memory
 
 import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -347,6 +349,119 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
+# Runs in a fresh Python process: builds the model from its config (random weights), trains
+# `steps` AdamW steps on random tokens, prints the peak. On CPU the peak is the rise of resident
+# memory (Linux VmHWM); MALLOC_MMAP_THRESHOLD_ (set by the caller) makes glibc return freed
+# tensors to the OS at once, so resident memory follows what is allocated, and a warm-up step
+# on a few tokens first loads code, tables and thread pools. On CUDA it is the caching
+# allocator's own peak.
+_PROBE = r"""
+import gc, json, sys
+import torch, transformers
+from lowrank.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+from lowrank.torch.lora import add_lora
+
+case = json.loads(sys.argv[1])
+cfg = case["config"]
+decoder = cfg["model_type"] not in ("bert", "roberta", "xlm-roberta")
+cuda = case["device"] == "cuda"
+torch.set_num_threads(1)
+
+
+def build(config):
+    auto = transformers.AutoModelForCausalLM if decoder else transformers.AutoModel
+    model = auto.from_config(config).to(case["device"])
+    if case["method"] != "full":
+        quant_type = "nf4" if case["method"] == "qlora" else None
+        add_lora(model, case["targets"], r=case["r"], alpha=16, quant_type=quant_type)
+    if case["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def step(model, ids, optimizer):
+    out = model(input_ids=ids, labels=ids) if decoder else model(input_ids=ids)
+    loss = out.loss if decoder else out.last_hidden_state.pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+torch.manual_seed(0)
+ids = torch.randint(0, cfg["vocab_size"], (case["batch_size"], case["seq_len"]))
+ids = ids.to(case["device"])
+config = transformers.AutoConfig.for_model(**cfg)
+warm = build(config)  # a warm-up step on a few tokens; its memory is returned before measuring
+step(warm, ids[:1, :8], torch.optim.AdamW([p for p in warm.parameters() if p.requires_grad]))
+del warm
+gc.collect()
+if cuda:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+else:
+    reset_peak_rss()
+    start = current_rss_bytes()
+model = build(config)
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+for _ in range(case["steps"]):
+    step(model, ids, optimizer)
+if cuda:
+    torch.cuda.synchronize()
+print(json.dumps((torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) - start))
+"""
+
+
+def measure_peak_memory(
+    config: dict | str | os.PathLike,
+    *,
+    method: str = "lora",
+    batch_size: int = 1,
+    seq_len: int = 512,
+    r: int = 8,
+    targets: list[str] | None = None,
+    gradient_checkpointing: bool = False,
+    steps: int = 2,
+    device: str = "cpu",
+) -> int:
+    """Measure what `estimate_memory(..., dtype="fp32")` estimates: the peak bytes of building
+    the model (fp32, random weights from `config`) and training it `steps` AdamW steps.
+
+    Runs in a fresh Python process (needs torch and transformers), so nothing this process
+    already holds or has freed blurs the number. `targets` are layer names for `add_lora`
+    (needed for "lora"/"qlora"). On "cpu" (Linux) it reads the peak resident memory, on "cuda"
+    the caching allocator's peak (`torch.cuda.max_memory_allocated`).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method != "full" and not targets:
+        raise ValueError(f"method {method!r} needs targets (layer names for add_lora)")
+    case = dict(
+        config=_read_config(config),
+        method=method,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        r=r,
+        targets=targets,
+        gradient_checkpointing=gradient_checkpointing,
+        steps=steps,
+        device=device,
+    )
+    root = str(Path(__file__).resolve().parents[1])  # so the child imports this lowrank
+    pythonpath = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": pythonpath}
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(case)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the measuring process failed:\n{done.stderr[-3000:]}")
+    return int(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 __all__ = [
     "DEFAULT_TARGETS",
     "MemoryEstimate",
@@ -354,6 +469,7 @@ __all__ = [
     "current_rss_bytes",
     "estimate_memory",
     "hf_linear_shapes",
+    "measure_peak_memory",
     "peak_rss_bytes",
     "reset_peak_rss",
 ]
