@@ -247,13 +247,9 @@ def estimate_memory(
     dtype: storage of the weights that are not 4-bit, and of the activations.
     lm_head: count logits over the vocabulary (default: True for decoders, False for encoders).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _check_step(method, batch_size=batch_size, seq_len=seq_len, r=r)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("r", r)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
     config = _read_config(config)
     shape = config_to_shape(config)
     family = _FAMILIES[config["model_type"]]
@@ -320,6 +316,16 @@ def estimate_memory(
         activations=activations,
         working=working,
     )
+
+
+def _check_step(method: str, **positive_ints: int) -> None:
+    """The arguments `estimate_memory` and `measure_peak_memory` share: a known method and
+    positive ints (batch_size, seq_len, r, ...)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    for name, value in positive_ints.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 # --- measuring: the process's resident memory (Linux), used to check the estimate ----------
@@ -432,8 +438,7 @@ def measure_peak_memory(
     (needed for "lora"/"qlora"). On "cpu" (Linux) it reads the peak resident memory, on "cuda"
     the caching allocator's peak (`torch.cuda.max_memory_allocated`).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _check_step(method, batch_size=batch_size, seq_len=seq_len, r=r, steps=steps)
     if method != "full" and not targets:
         raise ValueError(f"method {method!r} needs targets (layer names for add_lora)")
     case = dict(
