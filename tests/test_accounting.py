@@ -1,6 +1,6 @@
-"""Tests for lowrank.accounting. Oracles: the LoRA and QLoRA papers' printed numbers, Hugging Face
-models built on the `meta` device (parameter counts and layer shapes), PEFT's adapters,
-bitsandbytes' 4-bit storage, and the bytes a real PyTorch AdamW step allocates."""
+"""Tests for lowrank.accounting. Oracles: the LoRA and QLoRA papers' printed numbers, PEFT's
+adapters on Hugging Face models built on the `meta` device, bitsandbytes' 4-bit storage, and
+the bytes a real PyTorch AdamW step allocates."""
 
 import functools
 import subprocess
@@ -9,23 +9,24 @@ import sys
 import pytest
 
 from lowrank.accounting import (
+    adapter_checkpoint_bytes,
+    bits_per_weight,
+    format_bytes,
+    lora_parameters,
+    lora_target_shapes,
+    param_counts,
+    tensor_bytes,
+    training_memory,
+    weight_bytes,
+)
+from lowrank.shapes import (
     GPT3_175B,
     LLAMA_7B,
     LLAMA_65B,
     ROBERTA_BASE,
     ROBERTA_LARGE,
     TransformerShape,
-    adapter_checkpoint_bytes,
-    bits_per_weight,
-    format_bytes,
-    lora_paper_claims,
-    lora_parameters,
-    lora_target_shapes,
-    param_counts,
-    qlora_paper_claims,
-    tensor_bytes,
-    training_memory,
-    weight_bytes,
+    config_to_shape,
 )
 
 # --- the LoRA paper's numbers (Hu et al. 2021, Table 4 and section 4.2; Table 2 for RoBERTa) ---
@@ -57,38 +58,13 @@ def test_gpt3_r4_checkpoint_is_the_papers_35mb():
     assert GPT3_175B.n_params() == pytest.approx(175e9, rel=0.005)
 
 
-def test_lora_paper_claims_say_which_quantity_is_10000x():
-    params, checkpoint, memory = lora_paper_claims()
-    assert params.unit == "parameters" and checkpoint.unit == memory.unit == "bytes"
-    assert 9_000 < params.ratio < 10_000 and 9_000 < checkpoint.ratio < 10_000  # "10,000x"
-    assert checkpoint.after == 36 * 2**20
-    # VRAM: the paper's 1.2 TB -> 350 GB is 3.4x; ours without activations is 6x. Never 10,000x:
-    # what LoRA keeps is at least the frozen fp16 weights, the paper's 350 GB.
-    assert 3 <= memory.ratio <= 6.01
-    assert memory.after >= weight_bytes(GPT3_175B, "fp16")
-    assert memory.after == pytest.approx(350e9, rel=0.01)
-    for claim in (params, checkpoint, memory):
-        assert claim.quantity in str(claim) and "paper" in str(claim)
-    assert "MiB" in str(checkpoint) and "TB" in str(memory)
-
-
-def test_qlora_paper_claims():
-    weights, memory = qlora_paper_claims()
-    assert memory.before > 780e9  # "from >780GB of GPU memory"
-    assert memory.after < 48e9  # "to <48GB" (ours has no activations, so it must be below)
-    assert 33e9 < weights.after < 35e9
-
-
-# --- parameter counts against Hugging Face models on the meta device ------------------------
+# --- LoRA counts against PEFT on Hugging Face models (meta device) ----------------------------
 
 
 def meta_count(model) -> int:
     return sum(p.numel() for p in model.parameters())  # tied weights are listed once
 
 
-BERT_BASE = TransformerShape(
-    "BERT-base", 768, 12, 12, vocab_size=30522, max_positions=512, n_token_types=2
-)
 TINY_GQA = TransformerShape(
     "tiny Llama, GQA", 64, 3, 8, d_ff=160, vocab_size=100, n_kv_heads=2, gated_mlp=True,
     bias=False, norm="rmsnorm", tie_embeddings=False,
@@ -109,70 +85,21 @@ def llama_config(transformers, shape: TransformerShape):
 
 
 def hf_models() -> list:
-    """(our shape, a function that builds the matching Hugging Face model on the meta device)."""
+    """(our shape, a function that builds the matching Hugging Face model on the meta device);
+    tests/test_shapes.py checks their parameter counts and layer shapes."""
     t = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
     roberta = dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1)
-    large = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                 intermediate_size=4096)  # fmt: skip
-    gpt3 = dict(n_embd=12288, n_layer=96, n_head=96, n_positions=2048)
     builders = [
-        (BERT_BASE, lambda: t.BertModel(t.BertConfig(), add_pooling_layer=False)),
         (ROBERTA_BASE, lambda: t.RobertaModel(t.RobertaConfig(**roberta), add_pooling_layer=False)),
-        (ROBERTA_LARGE,
-         lambda: t.RobertaModel(t.RobertaConfig(**roberta, **large), add_pooling_layer=False)),
-        (GPT3_175B, lambda: t.GPT2LMHeadModel(t.GPT2Config(**gpt3))),  # GPT-2's design, scaled
-        *[(s, lambda s=s: t.LlamaForCausalLM(llama_config(t, s)))
-          for s in (LLAMA_7B, LLAMA_65B, TINY_GQA, TINY_TIED)],
-    ]  # fmt: skip
+        *[(s, lambda s=s: t.LlamaForCausalLM(llama_config(t, s))) for s in (TINY_GQA, TINY_TIED)],
+    ]
 
     def on_meta(build):
         with torch.device("meta"):  # shapes only: no memory, no initialisation
             return build()
 
     return [(shape, functools.partial(on_meta, build)) for shape, build in builders]
-
-
-def test_n_params_matches_hugging_face_models():
-    for shape, make in hf_models():
-        assert shape.n_params() == meta_count(make()), shape.name
-
-
-def test_published_totals():
-    # LLaMA-7B: 6,738,415,616 parameters, the count of Meta's released checkpoint
-    assert LLAMA_7B.n_params() == 6_738_415_616
-    assert LLAMA_65B.n_params() == pytest.approx(65.2e9, rel=0.002)
-
-
-# module names inside one Hugging Face block, for each of our linear_shapes() names
-HF_LINEARS = {
-    "BertLayer": dict(q="attention.self.query", k="attention.self.key", v="attention.self.value",
-                      o="attention.output.dense", up="intermediate.dense", down="output.dense"),
-    "RobertaLayer": dict(q="attention.self.query", k="attention.self.key",
-                         v="attention.self.value", o="attention.output.dense",
-                         up="intermediate.dense", down="output.dense"),
-    "LlamaDecoderLayer": dict(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-                              o="self_attn.o_proj", gate="mlp.gate_proj", up="mlp.up_proj",
-                              down="mlp.down_proj"),
-}  # fmt: skip
-
-
-def test_linear_shapes_match_hugging_face_modules():
-    checked = 0
-    for shape, make in hf_models():
-        model = make()
-        for block in model.modules():
-            if type(block).__name__ in HF_LINEARS:
-                break
-        else:
-            continue  # GPT-2 fuses q, k and v into one Conv1D: nothing to compare one by one
-        modules = dict(block.named_modules())
-        hf_names = HF_LINEARS[type(block).__name__]
-        assert set(hf_names) == set(shape.linear_shapes()), shape.name
-        for ours, hf_name in hf_names.items():
-            assert shape.linear_shapes()[ours] == tuple(modules[hf_name].weight.shape), shape.name
-        checked += 1
-    assert checked == 7
 
 
 def test_lora_counts_match_peft():
@@ -191,6 +118,18 @@ def test_lora_counts_match_peft():
         counts = param_counts(shape, method="lora", r=r, targets=ours)
         assert counts.trainable == trainable, name
         assert counts.total == meta_count(model), name
+
+
+GPT2_SMALL = dict(model_type="gpt2", n_embd=768, n_layer=12, n_head=12, vocab_size=50257,
+                  n_positions=1024)  # fmt: skip
+
+
+def test_gpt2_fused_qkv_is_one_adapted_matrix():
+    # PEFT on GPT-2 small, r=8 on c_attn: "trainable params: 294,912 || all params: 124,734,720"
+    gpt2 = config_to_shape(GPT2_SMALL)
+    counts = param_counts(gpt2, method="lora", r=8, targets="qkv")
+    assert (counts.trainable, counts.total) == (294_912, 124_734_720)
+    assert gpt2.n_params() == 124_439_808  # GPT2LMHeadModel("gpt2")
 
 
 # --- bytes -----------------------------------------------------------------------------------
@@ -227,6 +166,26 @@ def test_llama_65b_in_four_bits():
     # as stored: linear layers in NF4 + double quantization, embeddings/head/norms in 16 bits
     assert 33e9 < weight_bytes(LLAMA_65B, "nf4") < 35e9
     assert weight_bytes(LLAMA_65B, "nf4", double_quant=False) > weight_bytes(LLAMA_65B, "nf4")
+
+
+def test_weights_left_unquantized_take_their_own_dtype():
+    # embeddings, norms and the output head of a 4-bit or 8-bit model: bf16 unless told otherwise
+    rest = LLAMA_7B.n_params() - LLAMA_7B.param_groups()["linear weights"]
+    in_bf16 = weight_bytes(LLAMA_7B, "nf4")
+    assert weight_bytes(LLAMA_7B, "nf4", unquantized_dtype="fp32") == in_bf16 + 2 * rest
+    assert weight_bytes(LLAMA_7B, "int8", unquantized_dtype="fp16") == weight_bytes(
+        LLAMA_7B, "int8"
+    )
+    assert weight_bytes(LLAMA_7B, "fp32", unquantized_dtype="bf16") == 4 * LLAMA_7B.n_params()
+    qlora = training_memory(LLAMA_7B, method="qlora", unquantized_dtype="fp32")
+    assert qlora.weights == in_bf16 + 2 * rest
+    # GPT-2's c_attn is quantized as the one [3d, d] tensor it is
+    gpt2 = config_to_shape(GPT2_SMALL)
+    d, n_layers = 768, 12
+    linears = [3 * d * d, d * d, 4 * d * d, 4 * d * d]  # c_attn, attn.c_proj, c_fc, mlp.c_proj
+    quantized = n_layers * sum(tensor_bytes(n, "nf4") for n in linears)
+    rest = gpt2.n_params() - n_layers * sum(linears)
+    assert weight_bytes(gpt2, "nf4", unquantized_dtype="fp32") == quantized + 4 * rest
 
 
 def test_format_bytes():
@@ -307,24 +266,6 @@ def test_memory_breakdown_matches_a_real_adamw_step():
 # --- validation, and no framework needed -----------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "kwargs, error, match",
-    [
-        (dict(d_model=100, n_heads=3), ValueError, "not divisible by n_heads"),
-        (dict(n_kv_heads=3), ValueError, "not divisible by n_kv_heads"),
-        (dict(n_layers=0), ValueError, "n_layers must be >= 1"),
-        (dict(vocab_size=-1), ValueError, "vocab_size must be >= 0"),
-        (dict(d_ff=0), ValueError, "d_ff must be >= 1"),
-        (dict(d_model=64.0), TypeError, "d_model must be an int"),
-        (dict(norm="batchnorm"), ValueError, "norm must be"),
-    ],
-)
-def test_bad_shapes_raise(kwargs, error, match):
-    args = dict(name="x", d_model=64, n_layers=2, n_heads=4) | kwargs
-    with pytest.raises(error, match=match):
-        TransformerShape(**args)
-
-
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match=r"targets must be a non-empty selection of \['q'"):
         param_counts(ROBERTA_BASE, method="lora", targets=("query",))
@@ -334,7 +275,7 @@ def test_bad_arguments_raise():
         param_counts(ROBERTA_BASE, method="adapter")
     with pytest.raises(ValueError, match=r"r=1000 exceeds min\(out, in\) = 768"):
         param_counts(ROBERTA_BASE, method="lora", r=1000)
-    with pytest.raises(ValueError, match="r must be >= 1"):
+    with pytest.raises(ValueError, match="r must be a positive int"):
         lora_parameters([(4, 4)], 0)
     with pytest.raises(ValueError, match="dtype must be one of"):
         bits_per_weight("int4")
@@ -344,6 +285,8 @@ def test_bad_arguments_raise():
         training_memory(LLAMA_7B, method="lora", weight_dtype="nf4")
     with pytest.raises(ValueError, match="weight_dtype for method='qlora' must be one of"):
         training_memory(LLAMA_7B, method="qlora", weight_dtype="bf16")
+    with pytest.raises(ValueError, match="unquantized_dtype must be one of"):
+        weight_bytes(LLAMA_7B, "nf4", unquantized_dtype="int8")
     with pytest.raises(ValueError, match="optimizer must be one of"):
         training_memory(LLAMA_7B, method="full", optimizer="adam8")
 
@@ -352,6 +295,7 @@ def test_accounting_imports_neither_numpy_nor_torch():
     code = (
         "import sys; sys.modules['numpy'] = None; sys.modules['torch'] = None\n"
         "import lowrank.accounting as a\n"
-        "assert a.param_counts(a.GPT3_175B, method='lora', r=4).trainable == 18_874_368\n"
+        "from lowrank.shapes import GPT3_175B\n"
+        "assert a.param_counts(GPT3_175B, method='lora', r=4).trainable == 18_874_368\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
