@@ -16,6 +16,9 @@ How a weight becomes 4 bits:
    own float32 absmax, which costs 8 / 64 + 32 / (64 * 256) = 0.127 bits per weight.
 
 Decoding is a table lookup and one multiply: `w ~= code[c] * absmax[block]`.
+
+The file is longer than the codebase's ~300-line norm only because of its two data tables (the
+16 NF4 levels and the 127 positive levels of the dynamic map), written out one number a line.
 """
 
 import statistics
@@ -23,7 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-QUANT_TYPES = ("nf4", "fp4", "int4")
+from lowrank._validate import check_blocksize, check_quant_type
+
 DOUBLE_QUANT_BLOCKSIZE = 256  # block of absmax values that share one float32 scale
 _TINY = np.float32(1e-38)  # stands in for an all-zero block's absmax when dividing (0 * 1e38 = 0)
 
@@ -280,7 +284,7 @@ def derive_dynamic_map() -> np.ndarray:
 
 def code_for(quant_type: str) -> np.ndarray:
     """The 16-level table of `quant_type` ("nf4", "fp4" or "int4"), index = 4-bit code."""
-    _check_quant_type(quant_type)
+    check_quant_type(quant_type)
     return {"nf4": nf4_code, "fp4": fp4_code, "int4": int4_code}[quant_type]()
 
 
@@ -330,8 +334,8 @@ def quantize_4bit(
 
     The arithmetic is float32, as in bitsandbytes: scaled = w * (1 / absmax).
     """
-    _check_quant_type(quant_type)
-    _check_blocksize(blocksize)
+    check_quant_type(quant_type)
+    check_blocksize(blocksize)
     w = np.asarray(w)
     if not np.issubdtype(w.dtype, np.floating):
         raise TypeError(f"w must be a floating-point array, got dtype {w.dtype}")
@@ -431,18 +435,3 @@ def _nearest_code(scaled: np.ndarray, code: np.ndarray) -> np.ndarray:
 def _block_scales(absmax: np.ndarray, blocksize: int, n: int) -> np.ndarray:
     """Each element's block scale, (n,)."""
     return np.repeat(absmax, blocksize)[:n]
-
-
-def _check_quant_type(quant_type: str) -> None:
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"unknown quant_type {quant_type!r}; expected one of {QUANT_TYPES}")
-
-
-def _check_blocksize(blocksize: int) -> None:
-    if (
-        isinstance(blocksize, bool)
-        or not isinstance(blocksize, int | np.integer)
-        or blocksize <= 0
-        or blocksize & (blocksize - 1)
-    ):
-        raise ValueError(f"blocksize must be a positive power of two, got {blocksize!r}")

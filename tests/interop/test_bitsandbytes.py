@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lowrank.numpy import quant as np_quant
-from lowrank.torch.quant import (
+from lowrank.torch import (
     dequantize_4bit,
     dynamic_map,
     fp4_code,

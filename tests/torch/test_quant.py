@@ -1,6 +1,7 @@
-"""lowrank.torch.quant: its CPU fast paths against the plain tensor paths (which CUDA runs),
-dtypes, devices, packing, errors and the storage cost. NumPy-vs-torch identity is in
-tests/equivalence/test_quant_equivalence.py; bitsandbytes in tests/interop."""
+"""lowrank.torch.quant: dtypes, devices, packing, errors and the storage cost, and CUDA against
+CPU. Its CPU fast path against the plain tensor path is in tests/torch/test_quant_cpu.py;
+NumPy-vs-torch identity in tests/equivalence/test_quant_equivalence.py; bitsandbytes in
+tests/interop."""
 
 import warnings
 
@@ -9,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowrank.torch import quant
+from lowrank.torch import quant, quant_cpu
 from lowrank.torch.quant import (
     code_for,
     dequantize_4bit,
@@ -20,49 +21,6 @@ from lowrank.torch.quant import (
 )
 
 QUANT_TYPES = ["nf4", "fp4", "int4"]
-
-
-def tricky_scaled_values(table: str) -> torch.Tensor:
-    """Values in [-1, 1] that test a nearest-level search: every float32 midpoint and its two
-    neighbouring floats, the levels, zeros, the ends, and random values."""
-    search = quant._search_table(table, torch.device("cpu"))
-    mids = search.midpoints
-    up = torch.nextafter(mids, torch.tensor(2.0))
-    down = torch.nextafter(mids, torch.tensor(-2.0))
-    levels = torch.from_numpy(
-        quant.reference.dynamic_map() if table == "dynamic" else quant.reference.code_for(table)
-    )
-    special = torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 1.0000001, -1.0000001])
-    rand = torch.rand(20000, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    tiny = rand * 1e-3
-    return torch.cat([mids, up, down, levels.clamp(-1, 1), special, rand, tiny])
-
-
-@pytest.mark.parametrize("table", ["nf4", "fp4", "int4", "dynamic"])
-def test_cpu_cell_lookup_equals_bucketize(table):
-    scaled = tricky_scaled_values(table)
-    fast = quant._nearest_code_cpu(scaled.numpy(), table)
-    assert torch.equal(fast, quant._nearest_code(scaled, table))
-
-
-@pytest.mark.parametrize("table", ["nf4", "fp4", "int4", "dynamic"])
-@pytest.mark.parametrize("n,blocksize", [(1, 64), (7, 2), (130, 64), (20000, 256), (999, 1)])
-def test_cpu_blocks_equal_tensor_blocks(table, n, blocksize):
-    g = torch.Generator().manual_seed(n)
-    x = torch.randn(n, generator=g) * torch.rand(n, generator=g).pow(4) * 10
-    x[: n // 3] = 0  # all-zero blocks
-    x[n // 2 :: 5] = x[n // 2 :: 5].bfloat16().float()  # short mantissas: more exact ties
-    codes_cpu, absmax_cpu = quant._quantize_blocks_cpu(x, blocksize, table)
-    codes, absmax = quant._quantize_blocks_tensor(x, blocksize, table)
-    assert torch.equal(codes_cpu, codes) and torch.equal(absmax_cpu, absmax)
-
-
-@pytest.mark.parametrize("quant_type", QUANT_TYPES)
-@pytest.mark.parametrize("n_bytes", [1, 2, 7, 1000])
-def test_cpu_level_lookup_equals_per_nibble_gather(quant_type, n_bytes):
-    packed = torch.randint(0, 256, (n_bytes,), dtype=torch.uint8)
-    codes = torch.stack([packed >> 4, packed & 15], 1).reshape(-1).long()
-    assert torch.equal(quant._levels(packed, quant_type), code_for(quant_type)[codes])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -175,7 +133,7 @@ def test_cuda_equals_cpu(quant_type, dtype):
     # the per-byte gather used on CUDA equals the CPU's two-byte table
     packed = torch.randint(0, 256, (999,), dtype=torch.uint8)
     assert torch.equal(
-        quant._levels(packed.cuda(), quant_type).cpu(), quant._levels(packed, quant_type)
+        quant._levels(packed.cuda(), quant_type).cpu(), quant_cpu._levels(packed, quant_type)
     )
 
 
@@ -206,39 +164,5 @@ def test_cuda_quantize_syncs_once_and_dequantize_never():
 def test_cuda_rejects_non_finite_input():
     w = torch.randn(64, 64, device="cuda")
     w[3, 5] = float("nan")
-    with pytest.raises(ValueError, match="NaN or inf"):
-        quantize_4bit(w)
-
-
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("double_quant", [False, True])
-def test_many_chunks_on_threads_equal_the_numpy_reference(
-    monkeypatch, quant_type, dtype, double_quant
-):
-    """The CPU path splits work into chunks run on threads; tiny chunks force dozens of them
-    (and a short last block) so chunk seams are covered. Oracle: lowrank.numpy, unchunked."""
-    import numpy as np
-
-    from lowrank.numpy import quant as reference
-
-    monkeypatch.setattr(quant, "_QUANTIZE_CHUNK", 64)
-    monkeypatch.setattr(quant, "_DEQUANTIZE_CHUNK", 128)
-    w = torch.randn(10_001, generator=torch.Generator().manual_seed(1)).to(dtype)
-    ours = quantize_4bit(w, blocksize=64, quant_type=quant_type, double_quant=double_quant)
-    expected = reference.quantize_4bit(
-        w.float().numpy(), blocksize=64, quant_type=quant_type, double_quant=double_quant
-    )
-    np.testing.assert_array_equal(ours.packed.numpy(), expected.packed)
-    np.testing.assert_array_equal(ours.absmax.numpy(), expected.absmax)
-    values = reference.dequantize_4bit(expected)  # float32
-    # torch's own float32 -> dtype cast of the reference values is the oracle for rounding
-    assert torch.equal(dequantize_4bit(ours), torch.from_numpy(values).to(dtype))
-
-
-def test_non_finite_value_in_a_later_chunk_is_caught(monkeypatch):
-    monkeypatch.setattr(quant, "_QUANTIZE_CHUNK", 64)
-    w = torch.randn(5_000)
-    w[4_321] = float("inf")
     with pytest.raises(ValueError, match="NaN or inf"):
         quantize_4bit(w)

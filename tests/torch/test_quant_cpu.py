@@ -1,0 +1,153 @@
+"""lowrank.torch.quant_cpu, the CPU fast path, against the plain tensor path of
+lowrank.torch.quant (which CUDA runs, and which also runs on CPU tensors): the same codes,
+scales, packed bytes and dequantized bits, across chunk seams and threads."""
+
+import numpy as np
+import pytest
+import torch
+
+from lowrank.torch import quant, quant_cpu
+from lowrank.torch.quant import code_for, dequantize_4bit, quantize_4bit
+
+QUANT_TYPES = ["nf4", "fp4", "int4"]
+
+
+def tricky_scaled_values(table: str) -> torch.Tensor:
+    """Values in [-1, 1] that test a nearest-level search: every float32 midpoint and its two
+    neighbouring floats, the levels, zeros, the ends, and random values."""
+    search = quant._search_table(table, torch.device("cpu"))
+    mids = search.midpoints
+    up = torch.nextafter(mids, torch.tensor(2.0))
+    down = torch.nextafter(mids, torch.tensor(-2.0))
+    levels = torch.from_numpy(
+        quant.reference.dynamic_map() if table == "dynamic" else quant.reference.code_for(table)
+    )
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 1.0000001, -1.0000001])
+    rand = torch.rand(20000, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    tiny = rand * 1e-3
+    return torch.cat([mids, up, down, levels.clamp(-1, 1), special, rand, tiny])
+
+
+def weights(n: int) -> torch.Tensor:
+    """[n] values of many magnitudes, all-zero blocks, and short mantissas (more exact ties)."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * torch.rand(n, generator=g).pow(4) * 10
+    x[: n // 3] = 0  # all-zero blocks
+    x[n // 2 :: 5] = x[n // 2 :: 5].bfloat16().float()  # short mantissas: more exact ties
+    return x
+
+
+@pytest.mark.parametrize("table", ["nf4", "fp4", "int4", "dynamic"])
+def test_cpu_cell_lookup_equals_bucketize(table):
+    scaled = tricky_scaled_values(table)
+    fast = quant_cpu._nearest_code_cpu(scaled.numpy(), table)
+    assert torch.equal(fast, quant._nearest_code(scaled, table))
+
+
+@pytest.mark.parametrize("table", ["nf4", "fp4", "int4", "dynamic"])
+@pytest.mark.parametrize("n,blocksize", [(1, 64), (7, 2), (130, 64), (20000, 256), (999, 1)])
+def test_cpu_blocks_equal_tensor_blocks(table, n, blocksize):
+    x = weights(n)
+    codes_cpu, absmax_cpu = quant_cpu.quantize_blocks(x, blocksize, table)
+    codes, absmax = quant._quantize_blocks(x, blocksize, table)
+    assert torch.equal(codes_cpu, codes) and torch.equal(absmax_cpu, absmax)
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("n,blocksize", [(1, 64), (7, 2), (131, 64), (20001, 256)])
+def test_cpu_packed_blocks_equal_tensor_packed_blocks(quant_type, dtype, n, blocksize):
+    x = weights(n).to(dtype)  # odd n: the last byte's low nibble is the code of 0.0
+    packed_cpu, absmax_cpu = quant_cpu.quantize_blocks(x, blocksize, quant_type, pack=True)
+    packed, absmax = quant._quantize_blocks(x, blocksize, quant_type, pack=True)
+    assert packed.shape == ((n + 1) // 2,)
+    assert torch.equal(packed_cpu, packed) and torch.equal(absmax_cpu, absmax)
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("n_bytes", [1, 2, 7, 1000])
+def test_cpu_level_lookup_equals_per_nibble_gather(quant_type, n_bytes):
+    packed = torch.randint(0, 256, (n_bytes,), dtype=torch.uint8)
+    codes = torch.stack([packed >> 4, packed & 15], 1).reshape(-1).long()
+    assert torch.equal(quant_cpu._levels(packed, quant_type), code_for(quant_type)[codes])
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_cpu_dequantize_equals_tensor_dequantize(monkeypatch, quant_type, dtype, double_quant):
+    monkeypatch.setattr(quant_cpu, "_DEQUANTIZE_CHUNK", 128)  # many chunks, and one short block
+    for shape, blocksize in [((1,), 64), ((7,), 2), ((33, 77), 64), ((3, 1001), 128)]:
+        w = weights(int(np.prod(shape))).reshape(shape).to(dtype)
+        q = quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, double_quant=double_quant)
+        fast, plain = dequantize_4bit(q), quant._dequantize(q)
+        assert fast.dtype == plain.dtype == dtype and fast.shape == plain.shape == shape
+        assert torch.equal(fast.view(-1).view(torch.uint8), plain.view(-1).view(torch.uint8))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # 0 * inf
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_dequantize_non_finite_scales_equal_tensor_dequantize(dtype):
+    """Scales that are not finite (only a hand-made Quantized4bit has them) take torch's cast."""
+    q = quantize_4bit(torch.randn(4, 64), blocksize=64, double_quant=False)
+    absmax = torch.tensor([1.0, float("inf"), float("nan"), 0.5])
+    q = quant.Quantized4bit(q.packed, absmax, None, None, (4, 64), dtype, 64, "nf4", False)
+    fast, plain = dequantize_4bit(q), quant._dequantize(q)
+    assert torch.equal(fast.view(-1).view(torch.uint8), plain.view(-1).view(torch.uint8))
+
+
+def test_cpu_scale_decoding_equals_absmax_float32():
+    q = quantize_4bit(torch.randn(64 * 300))
+    scales = quant_cpu._scales(q.absmax, q.offset, q.absmax2, q.double_quant)
+    assert torch.equal(torch.from_numpy(scales), q.absmax_float32())
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_many_chunks_on_threads_equal_the_numpy_reference(
+    monkeypatch, quant_type, dtype, double_quant
+):
+    """The CPU path splits work into chunks run on threads; tiny chunks force dozens of them
+    (and a short last block) so chunk seams are covered. Oracle: lowrank.numpy, unchunked."""
+    from lowrank.numpy import quant as reference
+
+    monkeypatch.setattr(quant_cpu, "_QUANTIZE_CHUNK", 64)
+    monkeypatch.setattr(quant_cpu, "_DEQUANTIZE_CHUNK", 128)
+    w = torch.randn(10_001, generator=torch.Generator().manual_seed(1)).to(dtype)
+    ours = quantize_4bit(w, blocksize=64, quant_type=quant_type, double_quant=double_quant)
+    expected = reference.quantize_4bit(
+        w.float().numpy(), blocksize=64, quant_type=quant_type, double_quant=double_quant
+    )
+    np.testing.assert_array_equal(ours.packed.numpy(), expected.packed)
+    np.testing.assert_array_equal(ours.absmax.numpy(), expected.absmax)
+    values = reference.dequantize_4bit(expected)  # float32
+    # torch's own float32 -> dtype cast of the reference values is the oracle for rounding
+    assert torch.equal(dequantize_4bit(ours), torch.from_numpy(values).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunks_on_several_threads_equal_one_thread(monkeypatch, dtype):
+    """The test run uses one torch thread (conftest), which runs the chunks in a loop: here
+    three threads share them, and the results must not change."""
+    monkeypatch.setattr(quant_cpu, "_QUANTIZE_CHUNK", 64)
+    monkeypatch.setattr(quant_cpu, "_DEQUANTIZE_CHUNK", 128)
+    w = torch.randn(20_001, generator=torch.Generator().manual_seed(2)).to(dtype)
+    one = quantize_4bit(w, blocksize=64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        three = quantize_4bit(w, blocksize=64)
+        decoded = dequantize_4bit(three)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(three.packed, one.packed) and torch.equal(three.absmax, one.absmax)
+    assert torch.equal(decoded, dequantize_4bit(one))
+
+
+def test_non_finite_value_in_a_later_chunk_is_caught(monkeypatch):
+    monkeypatch.setattr(quant_cpu, "_QUANTIZE_CHUNK", 64)
+    w = torch.randn(5_000)
+    w[4_321] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        quantize_4bit(w)
