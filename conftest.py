@@ -1,8 +1,13 @@
 """Repository-wide pytest setup: notebooks run in smoke mode, CUDA tests skip without a GPU."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+# Helpers the tests share (tests/toy_models.py) are imported by name.
+sys.path.insert(0, str(Path(__file__).parent / "tests"))
 
 # Notebooks executed by pytest (nbmake) inherit this environment: fast sizes, same code path.
 os.environ.setdefault("LOWRANK_SMOKE", "1")

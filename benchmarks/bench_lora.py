@@ -22,7 +22,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from lowrank.torch.lora import add_lora, merge_lora
+from lowrank.torch import add_lora, merge_lora
 
 SIZE, TOKENS, RANK, ALPHA = 4096, 512, 16, 32
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank.numpy.quant import _check_blocksize, _check_quant_type
+from lowrank._validate import check_blocksize, check_bool, check_int, check_quant_type
 from lowrank.torch.quant import (
     DOUBLE_QUANT_BLOCKSIZE,
     Quantized4bit,
@@ -86,13 +86,11 @@ class Linear4bit(nn.Module):
     ) -> None:
         """An all-zero 4-bit layer of the given size (use `from_linear` to quantize a layer)."""
         super().__init__()
-        _check_quant_type(quant_type)
-        _check_blocksize(blocksize)
-        self.in_features = in_features
-        self.out_features = out_features
-        self.quant_type = quant_type
-        self.blocksize = blocksize
-        self.double_quant = double_quant
+        self.in_features = check_int("in_features", in_features)
+        self.out_features = check_int("out_features", out_features)
+        self.quant_type = check_quant_type(quant_type)
+        self.blocksize = check_blocksize(blocksize)
+        self.double_quant = check_bool("double_quant", double_quant)
         self.weight_dtype = dtype  # the dtype the weight had, what dequantize_weight returns
         n = in_features * out_features
         n_blocks = -(-n // blocksize)
@@ -166,8 +164,8 @@ class Linear4bit(nn.Module):
     def set_weight(self, weight: torch.Tensor) -> None:
         """Quantize `weight` [out, in] into this layer (e.g. after merging an adapter).
 
-        Checks finiteness here on every device: quantize_4bit skips it on CUDA (it would wait
-        for the GPU), and a layer is built rarely enough to afford one wait.
+        Checks shape and finiteness before anything changes (one host sync on CUDA; a layer is
+        set rarely enough to afford it), so a bad weight leaves the layer as it was.
         """
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(

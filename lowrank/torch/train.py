@@ -25,7 +25,7 @@ What happens, step by step:
 - after each epoch, `evaluate(model)` (no grad, eval mode) returns metrics; every optimizer
   step and every evaluation is appended as one JSON line to `out_dir/log.jsonl`.
 - at the end (and after each epoch with `save_every_epoch`) the trainable weights are written
-  to `out_dir`: LoRA adapters in the PEFT layout (`adapters.save_adapter`), and any other
+  to `out_dir`: LoRA adapters in the PEFT layout (`peft_format.save_adapter`), and any other
   trainable tensors (a classification head, or the whole model in full fine-tuning) to
   `trainable.safetensors`.
 
@@ -37,7 +37,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,8 +44,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+
+from lowrank._files import write_atomically
+from lowrank.torch.model import lora_layers
+from lowrank.torch.peft_format import load_adapter, save_adapter
 
 
 @dataclass
@@ -150,10 +154,6 @@ def move_to(batch: Any, device: torch.device) -> Any:
 def save_trainable(model: nn.Module, folder: str | os.PathLike) -> Path:
     """Write what training changed: LoRA adapters (PEFT layout, via `save_adapter`) and every
     other trainable tensor (e.g. a classifier head) to `trainable.safetensors`."""
-    from safetensors.torch import save_file
-
-    from .adapters import save_adapter
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     trainable = trainable_parameters(model)
@@ -166,19 +166,12 @@ def save_trainable(model: nn.Module, folder: str | os.PathLike) -> Path:
         if id(p) not in adapter_ids
     }
     if others:
-        with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as tmp:
-            temp_path = tmp.name
-        save_file(others, temp_path)
-        os.replace(temp_path, folder / "trainable.safetensors")
+        write_atomically(folder / "trainable.safetensors", lambda p: save_file(others, p))
     return folder
 
 
 def load_trainable(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     """Read back what `save_trainable` wrote into a model of the same architecture."""
-    from safetensors.torch import load_file
-
-    from .adapters import load_adapter
-
     folder = Path(folder)
     if (folder / "adapter_config.json").exists():
         load_adapter(model, folder)
@@ -197,8 +190,6 @@ def load_trainable(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
 
 def _adapter_parameter_ids(model: nn.Module) -> set[int]:
     """ids of every LoRA A and B in the model (they go to the PEFT-format adapter file)."""
-    from .lora import lora_layers
-
     return {
         id(p) for _, layer in lora_layers(model) for p in (*layer.A.values(), *layer.B.values())
     }

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lowrank.numpy.lora import LoRALinear as NumpyLoRALinear
-from lowrank.torch.lora import add_lora
+from lowrank.torch import add_lora
 
 
 def relative_difference(ours: torch.Tensor, reference: np.ndarray) -> float:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lowrank.torch.lora import add_lora
+from lowrank.torch import add_lora
 
 TOL = {"rtol": 1e-12, "atol": 1e-12}
 

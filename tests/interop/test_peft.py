@@ -23,8 +23,14 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from lowrank.torch.adapters import load_adapter, save_adapter
-from lowrank.torch.lora import add_lora, count_parameters, lora_layers, merge_lora
+from lowrank.torch import (
+    add_lora,
+    count_parameters,
+    load_adapter,
+    lora_layers,
+    merge_lora,
+    save_adapter,
+)
 
 VOCAB = 40
 

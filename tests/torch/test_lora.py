@@ -1,8 +1,8 @@
-"""Tests for lowrank.torch.lora: wrappers, add_lora, merge/unmerge, counting.
+"""Tests for lowrank.torch.lora: the wrappers (Linear, GPT-2 Conv1D, Embedding, 4-bit base)
+and what one layer computes: forward, training step, merge cost, dropout, dtypes, CUDA.
 
 Oracles: the LoRA formula written out by hand with plain tensor ops, the untouched base model,
-torch's FlopCounterMode, the LoRA paper's GPT-3 parameter counts, and bitsandbytes' own 4-bit
-quantization for the QLoRA base.
+torch's FlopCounterMode, and bitsandbytes' own 4-bit quantization for the QLoRA base.
 """
 
 import copy
@@ -12,60 +12,17 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from transformers.pytorch_utils import Conv1D
+from toy_models import ALL, make_block, randomize_adapters
 
-from lowrank.torch.lora import (
+from lowrank.torch import (
+    Linear4bit,
     LoRAConv1D,
     LoRAEmbedding,
     LoRALinear,
     add_lora,
-    count_parameters,
-    lora_layers,
     merge_lora,
     merged_copy,
-    unmerge_lora,
 )
-from lowrank.torch.qlora import Linear4bit
-
-
-class Block(nn.Module):
-    """A toy transformer-ish block: every kind of layer add_lora can wrap."""
-
-    def __init__(self, dim: int = 8, vocab: int = 11) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.q_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim, bias=False)
-        self.c_fc = Conv1D(2 * dim, dim)  # GPT-2 style: weight (in, out) = (dim, 2 dim)
-        self.out = nn.Linear(2 * dim, 3)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed(ids)  # (batch, seq, dim)
-        h = torch.tanh(self.q_proj(h) + self.v_proj(h))
-        return self.out(torch.relu(self.c_fc(h)))  # (batch, seq, 3)
-
-
-def randomize_adapters(model: nn.Module, seed: int = 0) -> None:
-    """Give every adapter nonzero A and B (fresh adapters have B = 0 or A = 0)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            for name in layer.A:
-                layer.A[name].copy_(torch.randn(layer.A[name].shape, generator=generator))
-                layer.B[name].copy_(torch.randn(layer.B[name].shape, generator=generator) * 0.1)
-
-
-@pytest.fixture
-def ids() -> torch.Tensor:
-    return torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(1))
-
-
-def make_block(seed: int = 0) -> Block:
-    torch.manual_seed(seed)
-    return Block()
-
-
-ALL = ["embed", "q_proj", "v_proj", "c_fc"]
 
 
 def test_new_adapter_leaves_output_unchanged(ids):
@@ -128,21 +85,6 @@ def test_training_step_changes_only_adapter_parameters(ids):
             assert parameter.grad is None
 
 
-@pytest.mark.parametrize("targets", [ALL, ["q_proj"], ["c_fc"], ["embed"]])
-def test_merge_and_unmerge(ids, targets):
-    model = add_lora(make_block(), targets, r=2, alpha=3)
-    randomize_adapters(model)
-    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    unmerged = model(ids)
-    merge_lora(model)
-    # float32: merged W + dW rounds differently from W x + (x A^T) B^T; errors ~1e-7 * |y|
-    torch.testing.assert_close(model(ids), unmerged, rtol=1e-5, atol=1e-5)
-    unmerge_lora(model)
-    for name, parameter in model.named_parameters():
-        torch.testing.assert_close(parameter, weights[name], rtol=0, atol=1e-6)
-    torch.testing.assert_close(model(ids), unmerged, rtol=1e-5, atol=1e-5)
-
-
 def test_merged_forward_costs_what_the_base_costs(ids):
     base = make_block()
     model = add_lora(copy.deepcopy(base), ["q_proj", "v_proj", "c_fc", "out"], r=2)
@@ -158,88 +100,6 @@ def test_merged_forward_costs_what_the_base_costs(ids):
     assert flops(model) == flops(base)
 
 
-def test_merge_twice_and_unmerge_unmerged_raise():
-    model = add_lora(make_block(), ALL, r=2)
-    with pytest.raises(RuntimeError, match="not merged"):
-        unmerge_lora(model)
-    merge_lora(model)
-    with pytest.raises(RuntimeError, match="already merged"):
-        merge_lora(model)
-    with pytest.raises(ValueError, match="no LoRA layers"):
-        merge_lora(make_block())
-
-
-def test_non_finite_merge_changes_nothing(ids):
-    model = add_lora(make_block(), ["q_proj", "v_proj"], r=2)
-    randomize_adapters(model)
-    with torch.no_grad():
-        model.v_proj.B["default"][0, 0] = float("inf")  # only the second layer is bad
-    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with pytest.raises(ValueError, match="v_proj"):
-        merge_lora(model)
-    for name, parameter in model.named_parameters():
-        assert torch.equal(parameter, weights[name]), name
-    assert not any(layer.merged for _, layer in lora_layers(model))
-
-
-def wrapped(model: nn.Module) -> list[str]:
-    return sorted(name for name, _ in lora_layers(model))
-
-
-def test_targets_suffix_exact_and_regex():
-    model = nn.ModuleDict({"a": make_block(), "b": make_block()})
-    assert wrapped(add_lora(copy.deepcopy(model), ["q_proj"])) == ["a.q_proj", "b.q_proj"]
-    assert wrapped(add_lora(copy.deepcopy(model), ["a.q_proj"])) == ["a.q_proj"]
-    assert wrapped(add_lora(copy.deepcopy(model), r"b\..*_proj")) == ["b.q_proj", "b.v_proj"]
-    # a regex must match the whole name (re.fullmatch, as PEFT): "proj" alone matches nothing
-    with pytest.raises(ValueError, match="candidate module names: .*q_proj"):
-        add_lora(copy.deepcopy(model), "proj")
-    # a suffix must end at a dot: "proj" is not a suffix of "q_proj"
-    with pytest.raises(ValueError, match="'proj' matches no"):
-        add_lora(copy.deepcopy(model), ["q_proj", "proj"])
-
-
-def test_bad_arguments_raise_clear_errors():
-    with pytest.raises(TypeError, match="targets"):
-        add_lora(make_block(), 3)
-    with pytest.raises(TypeError, match="targets"):
-        add_lora(make_block(), [])
-    with pytest.raises(ValueError, match="rank r"):
-        add_lora(make_block(), ["q_proj"], r=0)
-    with pytest.raises(ValueError, match="rank r"):
-        add_lora(make_block(), ["q_proj"], r=9)  # more than min(in, out) = 8
-    with pytest.raises(ValueError, match="alpha"):
-        add_lora(make_block(), ["q_proj"], alpha=-1)
-    with pytest.raises(ValueError, match="dropout"):
-        add_lora(make_block(), ["q_proj"], dropout=1.0)
-    with pytest.raises(ValueError, match="quant_type"):
-        add_lora(make_block(), ["q_proj"], quant_type="int3")
-    with pytest.raises(ValueError, match="init"):
-        add_lora(make_block(), ["q_proj"], init="xavier")
-    model = add_lora(make_block(), ["q_proj"])
-    with pytest.raises(ValueError, match="already has an adapter named 'default'"):
-        add_lora(model, ["v_proj", "q_proj"])
-    assert isinstance(model.v_proj, nn.Linear)  # checked before anything was wrapped
-
-
-def test_rank_and_alpha_patterns():
-    model = add_lora(
-        make_block(), ALL, r=2, alpha=4, rank_pattern={"c_fc": 4}, alpha_pattern={r"q_\w+": 1.0}
-    )
-    assert model.c_fc.r["default"] == 4 and model.q_proj.r["default"] == 2
-    assert model.q_proj.scale("default") == 0.5 and model.v_proj.scale("default") == 2.0
-
-
-def test_second_adapter_is_added_inactive(ids):
-    model = add_lora(make_block(), ["q_proj"], r=2)
-    randomize_adapters(model)
-    trained = model(ids)
-    add_lora(model, ["q_proj", "v_proj"], r=2, adapter_name="other")
-    assert sorted(model.q_proj.A) == ["default", "other"]
-    assert model.v_proj.active_adapter == "default"  # the model's active adapter, absent here
-    torch.testing.assert_close(model(ids), trained, rtol=0, atol=0)
-
-
 def test_adapters_stay_float32_on_a_bfloat16_base():
     model = add_lora(make_block().to(torch.bfloat16), ["q_proj", "c_fc"], r=2, alpha=4)
     assert model.q_proj.A["default"].dtype == torch.float32
@@ -250,58 +110,6 @@ def test_adapters_stay_float32_on_a_bfloat16_base():
     A, B = model.q_proj.A["default"], model.q_proj.B["default"]
     expected = model.q_proj.base_layer(x).float() + 2.0 * (x.float() @ A.T) @ B.T
     torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=1e-2)  # bf16 output rounding
-
-
-def test_count_parameters_counts_each_shared_tensor_once():
-    model = make_block()
-    model.out.weight = nn.Parameter(torch.randn(3, 16))
-    total = sum(p.numel() for p in model.parameters())
-    add_lora(model, ["q_proj", "c_fc"], r=2)
-    lora = 2 * (8 + 8) + 2 * (8 + 16)  # r (in + out) per layer
-    assert count_parameters(model) == (lora, total + lora)
-    tied = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 5, bias=False))
-    tied[1].weight = tied[0].weight  # as GPT-2 ties wte and lm_head
-    assert count_parameters(tied) == (20, 20)
-
-
-def gpt3_shaped(r: int) -> nn.Module:
-    """GPT-3 175B's layer shapes (96 layers, d_model 12288, d_ff 4 d) on the meta device."""
-    d = 12288
-    with torch.device("meta"):
-        layers = nn.ModuleList(
-            nn.ModuleDict(
-                {
-                    "W_q": nn.Linear(d, d),
-                    "W_k": nn.Linear(d, d),
-                    "W_v": nn.Linear(d, d),
-                    "W_o": nn.Linear(d, d),
-                    "fc1": nn.Linear(d, 4 * d),
-                    "fc2": nn.Linear(4 * d, d),
-                }
-            )
-            for _ in range(96)
-        )
-    return add_lora(layers, ["W_q", "W_v"], r=r)
-
-
-@pytest.mark.parametrize(("r", "expected"), [(1, 4_718_592), (8, 37_748_736)])
-def test_gpt3_counts_from_the_lora_paper_on_the_meta_device(r, expected):
-    model = gpt3_shaped(r)
-    trainable, total = count_parameters(model)
-    assert trainable == expected  # Hu et al. 2021, Table 4 (4.7M at r=1; 37.7M at r=8)
-    assert trainable == 96 * 2 * r * (12288 + 12288)
-    assert 173e9 < total < 175e9 + expected  # 12 d^2 per layer: the 174.6B of the layers
-    assert all(p.is_meta for p in model.parameters())  # nothing was allocated
-
-
-def test_merged_copy_is_plain_and_full_precision(ids):
-    model = add_lora(make_block(), ALL, r=2)
-    randomize_adapters(model)
-    copy_ = merged_copy(model)
-    assert not list(lora_layers(copy_))
-    assert type(copy_.c_fc) is Conv1D and type(copy_.embed) is nn.Embedding
-    torch.testing.assert_close(copy_(ids), model(ids), rtol=1e-5, atol=1e-5)
-    assert not model.q_proj.merged  # the original is untouched
 
 
 @pytest.mark.cuda
@@ -336,6 +144,8 @@ def test_dropout_acts_on_the_lora_path_while_training_only():
 
 # QLoRA: the frozen base in 4 bits (Dettmers et al. 2023). Oracle: bitsandbytes' own
 # quantize/dequantize of the same weight (blocksize 64, double quantization).
+
+
 def bnb_dequantized(weight: torch.Tensor, quant_type: str) -> torch.Tensor:
     bnbf = pytest.importorskip("bitsandbytes.functional")  # a dev dependency
 
@@ -365,12 +175,6 @@ def test_qlora_base_is_the_bitsandbytes_4bit_weight(ids, quant_type):
     torch.testing.assert_close(fc(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_qlora_counts_weights_not_bytes():
-    reference = add_lora(make_block(), ["q_proj", "c_fc"], r=2)
-    model = add_lora(make_block(), ["q_proj", "c_fc"], r=2, quant_type="nf4")
-    assert count_parameters(model) == count_parameters(reference)
-
-
 def test_qlora_training_step_leaves_the_4bit_base_bit_identical(ids):
     model = add_lora(make_block(), ["q_proj", "c_fc"], r=2, quant_type="nf4")
     randomize_adapters(model)
@@ -386,30 +190,6 @@ def test_qlora_training_step_leaves_the_4bit_base_bit_identical(ids):
     assert not torch.equal(model.q_proj.B["default"], torch.zeros(8, 2))
 
 
-def test_qlora_merge_warns_and_merged_copy_keeps_full_precision(ids):
-    model = add_lora(make_block(), ["q_proj", "v_proj", "c_fc"], r=2, quant_type="nf4")
-    randomize_adapters(model)
-    unmerged = model(ids)
-    full = merged_copy(model)
-    assert type(full.q_proj) is nn.Linear and full.q_proj.weight.dtype == torch.float32
-    torch.testing.assert_close(full(ids), unmerged, rtol=1e-5, atol=1e-5)  # float32 rounding
-    q = model.q_proj
-    requantized = bnb_dequantized(q.base_weight() + q.delta_weight("default").detach(), "nf4")
-    with pytest.warns(UserWarning, match="re-quantizes"):
-        merge_lora(model)
-    torch.testing.assert_close(q.base_weight(), requantized, rtol=1e-6, atol=1e-6)
-    assert not torch.equal(model(ids), unmerged)  # 4-bit rounding of W + dW shows
-
-
-def test_qlora_counts_on_the_meta_device():
-    with torch.device("meta"):
-        model = add_lora(make_block(), ["q_proj", "c_fc"], r=2, quant_type="nf4")
-    assert isinstance(model.q_proj.base_layer, Linear4bit)
-    assert count_parameters(model) == count_parameters(
-        add_lora(make_block(), ["q_proj", "c_fc"], r=2)
-    )
-
-
 @pytest.mark.cuda
 def test_cuda_qlora_bfloat16_matches_cpu_float32(ids):
     targets = ["q_proj", "v_proj", "c_fc"]
@@ -423,3 +203,18 @@ def test_cuda_qlora_bfloat16_matches_cpu_float32(ids):
     y.float().square().mean().backward()
     assert gpu.q_proj.A["default"].grad.abs().sum() > 0
     torch.testing.assert_close(y.float().cpu(), cpu(ids), rtol=0.05, atol=0.05)  # bf16 rounding
+
+
+def test_qlora_merge_warns_and_merged_copy_keeps_full_precision(ids):
+    model = add_lora(make_block(), ["q_proj", "v_proj", "c_fc"], r=2, quant_type="nf4")
+    randomize_adapters(model)
+    unmerged = model(ids)
+    full = merged_copy(model)
+    assert type(full.q_proj) is nn.Linear and full.q_proj.weight.dtype == torch.float32
+    torch.testing.assert_close(full(ids), unmerged, rtol=1e-5, atol=1e-5)  # float32 rounding
+    q = model.q_proj
+    requantized = bnb_dequantized(q.base_weight() + q.delta_weight("default").detach(), "nf4")
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        merge_lora(model)
+    torch.testing.assert_close(q.base_weight(), requantized, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(model(ids), unmerged)  # 4-bit rounding of W + dW shows

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank.torch.lora import add_lora
+from lowrank.torch import add_lora
 from lowrank.torch.train import (
     TrainConfig,
     cosine_with_warmup,

@@ -1,0 +1,356 @@
+"""LoRA on a whole PyTorch model: add adapters by layer name, list them, merge and unmerge.
+
+LoRA (Hu et al. 2021, arXiv:2106.09685) adapts chosen weight matrices of a frozen model; this
+file decides which (`match_targets`), puts a wrapper from `lowrank.torch.lora` on each
+(`add_lora`), and folds the active adapter into the frozen weights and back (`merge_lora`,
+`unmerge_lora`, `merged_copy`). `quant_type="nf4"` stores each chosen layer's frozen weight in
+4 bits first (QLoRA, Dettmers et al. 2023, arXiv:2305.14314). The NumPy mirror is
+`lowrank.numpy.model`, on its tiny MLP.
+
+Which wrapper a layer gets is one table, as in minLoRA (`WRAPPERS`): adding a layer type is one
+wrapper class in `lora.py` and one row here. Target matching is one rule (`matches`), used by
+`add_lora` and by the PEFT loader, and the same as PEFT's: a list names layers exactly or by a
+dotted suffix ("q_proj" selects "model.layers.0.self_attn.q_proj"); a str is a regex that must
+match the whole qualified name.
+
+    add_lora(model, ["q_proj", "v_proj"], r=8, alpha=16)   # every q_proj and v_proj
+    merge_lora(model)                                       # W <- W + scale * B @ A
+
+(About 350 lines: selecting, wrapping, merging and counting one model read best together.)
+"""
+
+import copy
+import re
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from lowrank._validate import check_adapter, check_adapter_name, check_quant_type
+from lowrank.torch.lora import LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear
+from lowrank.torch.qlora import Linear4bit
+
+# Base layer type -> the wrapper that adds LoRA to it (GPT-2's Conv1D is recognised by
+# `is_conv1d`, so that this file need not import transformers).
+WRAPPERS: dict[type[nn.Module], type[LoRALayer]] = {
+    nn.Linear: LoRALinear,
+    Linear4bit: LoRALinear,
+    nn.Embedding: LoRAEmbedding,
+}
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's transformers.pytorch_utils.Conv1D, recognised without importing transformers."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def wrapper_for(module: nn.Module) -> type[LoRALayer] | None:
+    """The LoRA wrapper class for `module` (None: LoRA does not apply to it)."""
+    if is_conv1d(module):
+        return LoRAConv1D
+    return next((w for base, w in WRAPPERS.items() if isinstance(module, base)), None)
+
+
+def features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a wrappable layer or of a wrapper."""
+    if isinstance(module, LoRALayer):
+        return module.in_features, module.out_features
+    return wrapper_for(module).features(module)
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at qualified name `name` inside `model` (its parent's attribute)."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
+    """(qualified name, wrapper) for every LoRA wrapper in `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALayer):
+            yield name, module
+
+
+def candidate_names(model: nn.Module) -> list[str]:
+    """Qualified names of the layers `add_lora` can wrap (or has wrapped), in model order."""
+    names, inside = [], None
+    for name, module in model.named_modules():
+        if inside and name.startswith(inside):
+            continue  # a wrapper's own base_layer and dropout, or a Linear4bit's parts
+        if name and (isinstance(module, LoRALayer) or wrapper_for(module) is not None):
+            names.append(name)
+            inside = name + "."
+    return names
+
+
+def matches(name: str, target: str) -> bool:
+    """Whether list entry `target` selects layer `name`: equal, or a dotted suffix of it."""
+    return name == target or name.endswith("." + target)
+
+
+def match_targets(
+    model: nn.Module, targets: str | list[str], *, every_pattern_must_match: bool = True
+) -> list[str]:
+    """The candidate layers `targets` selects, in model order: a str is a regex that must
+    match the whole qualified name (re.fullmatch, as in PEFT); a list holds exact names or
+    dotted suffixes (`matches`). With `every_pattern_must_match`, a list entry (or the regex)
+    that selects no layer raises ValueError listing the candidates."""
+    candidates = candidate_names(model)
+    if isinstance(targets, str):
+        patterns = [targets]
+        selected = [[n for n in candidates if re.fullmatch(targets, n)]]
+    elif (
+        isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) for t in targets)
+    ):
+        patterns = list(targets)
+        selected = [[n for n in candidates if matches(n, t)] for t in patterns]
+    else:
+        raise TypeError(
+            f"targets must be a str (regex) or a non-empty list of str, got {targets!r}"
+        )
+    for pattern, names in zip(patterns, selected, strict=True):
+        if every_pattern_must_match and not names:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+            example = f" (e.g. {candidates[0]!r})" if candidates else ""
+            raise ValueError(
+                f"target {pattern!r} matches no Linear/Conv1D/Embedding layer; candidate "
+                f"module names: {', '.join(leaves) or 'none'}{example}"
+            )
+    chosen = {n for names in selected for n in names}
+    return [n for n in candidates if n in chosen]
+
+
+def pattern_value(patterns: dict[str, float], name: str, default: float) -> float:
+    """PEFT's rule for rank_pattern / alpha_pattern: the first key that matches the end of
+    `name` at a dot boundary (re.match(rf"(.*\\.)?({key})$", name)) gives the value."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _quantized(module: nn.Module, quant_type: str) -> nn.Module:
+    """A frozen 4-bit copy of a Linear or Conv1D (the Conv1D's W^T becomes a Linear first)."""
+    if isinstance(module, nn.Embedding):
+        return module  # embeddings stay in full precision, as in QLoRA
+    if is_conv1d(module):
+        linear = nn.Linear(module.weight.shape[0], module.weight.shape[1], device="meta")
+        linear.weight = nn.Parameter(module.weight.detach().T.contiguous())
+        linear.bias = nn.Parameter(module.bias.detach().clone())
+        module = linear
+    return Linear4bit.from_linear(module, quant_type=quant_type, blocksize=64, double_quant=True)
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The model's active adapter name (None if it has no LoRA layers or none is active)."""
+    return next((layer.active_adapter for _, layer in lora_layers(model)), None)
+
+
+def mark_only_lora_trainable(model: nn.Module) -> None:
+    """Freeze every parameter except the active adapter's A and B in each LoRA layer."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        if layer.active_adapter in layer.A:
+            layer.A[layer.active_adapter].requires_grad_(True)
+            layer.B[layer.active_adapter].requires_grad_(True)
+
+
+def add_lora(
+    model: nn.Module,
+    targets: str | list[str],
+    *,
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    quant_type: str | None = None,
+    adapter_name: str = "default",
+    use_rslora: bool = False,
+    init: str = "kaiming",
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
+) -> nn.Module:
+    """Add LoRA adapter `adapter_name` to every layer of `model` that `targets` selects.
+
+    targets: a list of exact qualified names or dotted suffixes (["q_proj", "v_proj"]), or a
+        str regex matched against the whole name. Linear, GPT-2 Conv1D and Embedding layers
+        (and 4-bit Linear4bit) can be selected; a pattern that selects none raises ValueError
+        listing the candidate names.
+    r, alpha, dropout, use_rslora, init: the adapter (see `LoRALayer`); rank_pattern and
+        alpha_pattern override r and alpha per layer, keyed by name suffix or regex as in PEFT.
+    quant_type: "nf4", "fp4" (or "int4") replaces each selected Linear/Conv1D by a frozen
+        4-bit `Linear4bit` (blocksize 64, double quantization): QLoRA.
+
+    Layers are wrapped in place (a layer wrapped before gets a second adapter). Afterwards
+    only the active adapter's A and B require grad; everything else is frozen. The first
+    adapter put on a model becomes active; later ones wait for `set_active_adapter`.
+    Works on the meta device: A and B are created where the base weights live.
+    """
+    if quant_type is not None:
+        check_quant_type(quant_type)
+    check_adapter_name(adapter_name)
+    names = match_targets(model, targets)
+    plans = []  # validate every layer before changing any
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, LoRALayer):
+            if adapter_name in module.A:
+                raise ValueError(f"layer {name!r} already has an adapter named {adapter_name!r}")
+            # a second adapter keeps the base as it is: fine if it is 4-bit or an embedding
+            base_fits = isinstance(module, LoRAEmbedding) or isinstance(
+                module.base_layer, Linear4bit
+            )
+            if quant_type is not None and not base_fits:
+                raise ValueError(f"layer {name!r} is wrapped in full precision; cannot quantize")
+        in_features, out_features = features(module)
+        r_here = pattern_value(rank_pattern or {}, name, r)
+        alpha_here = pattern_value(alpha_pattern or {}, name, alpha)
+        try:
+            check_adapter(
+                r=r_here,
+                alpha=alpha_here,
+                dropout=dropout,
+                init=init,
+                in_features=in_features,
+                out_features=out_features,
+            )
+        except ValueError as error:
+            raise type(error)(f"layer {name!r}: {error}") from None
+        plans.append((name, module, r_here, alpha_here))
+
+    bases = {  # built (and quantized) before the model changes: a failure changes nothing
+        name: module if quant_type is None else _quantized(module, quant_type)
+        for name, module, *_ in plans
+        if not isinstance(module, LoRALayer)
+    }
+    wrappers = {name: wrapper_for(base)(base) for name, base in bases.items()}
+    active = active_adapter(model)
+    for name, module, r_here, alpha_here in plans:
+        if name in wrappers:
+            module = wrappers[name]
+            module.active_adapter = active
+            replace_module(model, name, module)
+        module.add_adapter(
+            adapter_name,
+            r=r_here,
+            alpha=alpha_here,
+            dropout=dropout,
+            use_rslora=use_rslora,
+            init=init,
+        )
+    if active is None:
+        for _, layer in lora_layers(model):
+            layer.active_adapter = adapter_name
+    mark_only_lora_trainable(model)
+    return model
+
+
+def _layers_or_raise(model: nn.Module) -> list[tuple[str, LoRALayer]]:
+    layers = list(lora_layers(model))
+    if not layers:
+        raise ValueError("the model has no LoRA layers (see add_lora)")
+    return layers
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold the active adapter into each layer's frozen weight: W <- W + scale * B @ A.
+
+    Forward then costs exactly the base model's (no LoRA matmuls). Raises RuntimeError if the
+    model is already merged and ValueError, before changing any weight, if some merged weight
+    would be NaN or inf. On a 4-bit base the merged weight is re-quantized, which changes the
+    outputs by quantization rounding: a warning says so; `merged_copy` keeps full precision.
+    """
+    layers = _layers_or_raise(model)
+    if any(layer.merged for _, layer in layers):
+        raise RuntimeError("the model is already merged; merging twice would add updates twice")
+    if any(layer.disabled for _, layer in layers):
+        raise RuntimeError("adapters are disabled; leave disable_adapters() before merging")
+    to_merge = [(n, layer) for n, layer in layers if layer.active_adapter in layer.A]
+    if not to_merge:
+        raise RuntimeError("no layer has an active adapter to merge")
+    for name, layer in to_merge:  # check every layer first, then change them
+        if not torch.isfinite(layer.merged_weight(+1.0)).all():
+            raise ValueError(f"merging layer {name!r} would produce NaN or inf; nothing changed")
+    if any(isinstance(layer.base_layer, Linear4bit) for _, layer in to_merge):
+        warnings.warn(
+            "merging into a 4-bit base re-quantizes W + scale * B @ A, so outputs change by "
+            "quantization rounding; use merged_copy(model) for a full-precision merged model",
+            stacklevel=2,
+        )
+    for _, layer in to_merge:
+        layer.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Take the merged adapter out again: W <- W - scale * B @ A (exact up to rounding of the
+    base dtype; a 4-bit base is re-quantized once more). Raises RuntimeError if not merged."""
+    layers = [layer for _, layer in _layers_or_raise(model) if layer.merged]
+    if not layers:
+        raise RuntimeError("the model is not merged; nothing to unmerge")
+    if any(isinstance(layer.base_layer, Linear4bit) for layer in layers):
+        warnings.warn(
+            "unmerging a 4-bit base re-quantizes W: it is not restored exactly", stacklevel=2
+        )
+    for layer in layers:
+        layer.unmerge()
+    return model
+
+
+def merged_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A copy of `model` with each LoRA layer replaced by a plain layer holding W + scale*B@A.
+
+    The usual way to deploy a QLoRA fine-tune: a 4-bit base is dequantized and the update
+    added in float32, and the layer becomes an nn.Linear of `dtype` (no second rounding to 4
+    bits). Full-precision bases keep their class and dtype. `model` itself is not changed.
+    """
+    _layers_or_raise(model)
+    result = copy.deepcopy(model)
+    for name, layer in list(lora_layers(result)):
+        base = layer.base_layer
+        if isinstance(base, Linear4bit):
+            weight = layer.base_weight().float()  # (out, in)
+            if layer.active_adapter in layer.A and not layer.merged and not layer.disabled:
+                weight = weight + layer.delta_weight().detach().float()
+            plain = nn.Linear(
+                layer.in_features,
+                layer.out_features,
+                bias=base.bias is not None,
+                dtype=dtype,
+                device=weight.device,
+            )
+            with torch.no_grad():
+                plain.weight.copy_(weight)
+                if base.bias is not None:
+                    plain.bias.copy_(base.bias)
+            base = plain
+        elif layer.active_adapter in layer.A and not layer.merged and not layer.disabled:
+            layer.set_base_weight(layer.merged_weight(+1.0))
+        replace_module(result, name, base)
+    return result
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) numbers of parameters, each shared tensor counted once.
+
+    A 4-bit weight counts as the out * in numbers it represents, not as its packed bytes
+    (counting uint8 storage halves the apparent size, a common confusion); its quantization
+    constants (absmax etc.) are storage, not parameters, and are not counted.
+    """
+    trainable, total, seen = 0, 0, set()
+    quantized = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    inside_quantized = {id(t) for m in quantized for t in (*m.parameters(), *m.buffers())}
+    for m in quantized:
+        total += m.out_features * m.in_features
+        if m.bias is not None:
+            total += m.bias.numel()
+            trainable += m.bias.numel() if m.bias.requires_grad else 0
+    for parameter in model.parameters():
+        if id(parameter) in seen or id(parameter) in inside_quantized:
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel()
+        trainable += parameter.numel() if parameter.requires_grad else 0
+    return trainable, total
