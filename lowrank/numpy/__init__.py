@@ -11,21 +11,10 @@ from .analysis import (
     subspace_similarity_grid,
 )
 from .gradcheck import numerical_gradient, numerical_gradient_of_output, relative_error
-from .lora import Linear, LoRALinear, kaiming_uniform_A, validate_rank
-from .model import (
-    MLP,
-    ReLU,
-    accuracy,
-    add_lora,
-    lora_layers,
-    merge_lora,
-    softmax_cross_entropy,
-    train,
-    train_step,
-    unmerge_lora,
-)
+from .lora import Linear, LoRALinear, kaiming_uniform_A
+from .model import MLP, ReLU, add_lora, lora_layers, merge_lora, unmerge_lora
 from .optim import SGD, AdamW
-from .qlora import QLoRALinear
+from .qlora import Linear4bit, QLoRALinear
 from .quant import (
     Quantized4bit,
     dequantize_4bit,
@@ -35,3 +24,4 @@ from .quant import (
     nf4_code,
     quantize_4bit,
 )
+from .train import accuracy, softmax_cross_entropy, train, train_step

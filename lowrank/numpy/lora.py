@@ -16,37 +16,24 @@ arXiv:2312.03732) argues alpha / sqrt(r) is the scale that keeps learning stable
 After training, scale * B @ A can be folded into W (`merge`): inference then costs exactly as
 much as the original layer. `unmerge` takes it out again, e.g. to switch adapters.
 
-Also here: `Linear`, an ordinary trainable layer (the tiny model's building block and the
-full fine-tuning baseline), and the helpers `validate_rank` and `kaiming_uniform_A`.
+Also here: `Linear`, an ordinary trainable layer (the tiny model's building block, the full
+fine-tuning baseline, and, frozen, the base layer a LoRALinear wraps), and `kaiming_uniform_A`.
+
+As in `lowrank.torch.lora` (and PEFT), the adapter is a wrapper around its frozen
+`base_layer`: y = base_layer(x) + LoRA's path, and dL/dx = base_layer.backward(dy) + LoRA's
+part. A 4-bit base (`qlora.Linear4bit`) drops in without changing a line here. The torch
+wrapper holds several named adapters, so its r, alpha and scale are dicts keyed by name where
+this one holds the values themselves.
 
 Dtype: layers compute in float64 (the reference precision, needed for gradient checks); a
 float32 weight stays float32, anything else is converted to float64.
 """
 
 import math
-import numbers
 
 import numpy as np
 
-INITS = ("kaiming", "gaussian")
-
-
-def validate_rank(r: int, in_features: int, out_features: int) -> int:
-    """Return `r` if it is a usable LoRA rank for a [out_features, in_features] weight.
-
-    A rank must be a positive int no larger than min(in, out): B @ A can never have a larger
-    rank, so a bigger r only adds parameters. bool and float are refused too (True is not a
-    rank, and 4.0 is a sign that something upstream computed it): each refusal is a ValueError.
-    """
-    largest = min(in_features, out_features)
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
-        raise ValueError(f"rank r must be an int in [1, {largest}], got {r!r} ({type(r).__name__})")
-    if not 1 <= r <= largest:
-        raise ValueError(
-            f"rank r must be in [1, min(in_features, out_features)] = [1, {largest}] "
-            f"for a {out_features}x{in_features} weight, got {r}"
-        )
-    return int(r)
+from lowrank._validate import check_adapter, check_int
 
 
 def kaiming_uniform_A(
@@ -99,9 +86,8 @@ class Linear:
         bias: bool = True,
         rng: np.random.Generator | None = None,
     ) -> None:
-        for name, size in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-                raise ValueError(f"{name} must be a positive int, got {size!r}")
+        check_int("in_features", in_features)
+        check_int("out_features", out_features)
         rng = np.random.default_rng(0) if rng is None else rng
         bound = 1.0 / np.sqrt(in_features)
         self.weight = rng.uniform(-bound, bound, size=(out_features, in_features))  # (out, in)
@@ -110,6 +96,18 @@ class Linear:
         self.grad_weight: np.ndarray | None = None
         self.grad_bias: np.ndarray | None = None
         self._x: np.ndarray | None = None
+
+    @classmethod
+    def frozen(cls, weight: np.ndarray, bias: np.ndarray | None = None) -> "Linear":
+        """A frozen Linear holding copies of `weight` [out, in] and `bias` [out] (float32 stays
+        float32, the rest becomes float64): the base layer LoRALinear wraps."""
+        weight = _as_float_array("weight", weight, ndim=2)  # (out, in)
+        bias = None if bias is None else _as_float_array("bias", bias, ndim=1)  # (out,)
+        if bias is not None and bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {bias.shape}")
+        layer = cls(weight.shape[1], weight.shape[0], bias=bias is not None)
+        layer.weight, layer.bias, layer.requires_grad = weight, bias, False
+        return layer
 
     @property
     def in_features(self) -> int:
@@ -183,29 +181,25 @@ class LoRALinear:
         init: str = "kaiming",
         rng: np.random.Generator | None = None,
     ) -> None:
-        self.weight = _as_float_array("weight", weight, ndim=2)  # (out, in)
-        out_features, in_features = self.weight.shape
-        self.bias = None if bias is None else _as_float_array("bias", bias, ndim=1)  # (out,)
-        if self.bias is not None and self.bias.shape != (out_features,):
-            raise ValueError(f"bias must have shape ({out_features},), got {self.bias.shape}")
-        self.r = validate_rank(r, in_features, out_features)
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0:
-            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
-            raise TypeError(f"dropout must be a float in [0, 1), got {dropout!r}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.base_layer = Linear.frozen(weight, bias)  # copies: merge changes ours, not yours
+        out_features, in_features = self.base_layer.weight.shape
+        check_adapter(
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            init=init,
+            in_features=in_features,
+            out_features=out_features,
+        )
         if rng is not None and not isinstance(rng, np.random.Generator):
             raise TypeError(f"rng must be a np.random.Generator, got {type(rng).__name__}")
 
+        self.r = int(r)
         self.alpha = float(alpha)
         self.dropout = float(dropout)
         self.use_rslora = bool(use_rslora)
-        self.scale = self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
         self.rng = np.random.default_rng(0) if rng is None else rng
-        dtype = self.weight.dtype
+        dtype = self.base_layer.weight.dtype
         if init == "kaiming":
             self.A = kaiming_uniform_A(self.r, in_features, self.rng, dtype)  # (r, in)
         else:
@@ -217,6 +211,20 @@ class LoRALinear:
         self._cache: tuple[np.ndarray, np.ndarray | None, np.ndarray] | None = None
 
     @property
+    def scale(self) -> float:
+        """alpha / r, or alpha / sqrt(r) with rsLoRA (derived, so it always follows alpha)."""
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @property
+    def weight(self) -> np.ndarray:
+        """The frozen base weight W [out, in] (a 4-bit base has none: see `base_weight`)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> np.ndarray | None:
+        return self.base_layer.bias
+
+    @property
     def in_features(self) -> int:
         return self.A.shape[1]  # from A and B, not W: a subclass may store W differently
 
@@ -225,10 +233,17 @@ class LoRALinear:
         return self.B.shape[0]
 
     def base_weight(self) -> np.ndarray:
-        """The frozen W [out, in] that forward and backward multiply by. A 4-bit (QLoRA)
-        subclass overrides this to return its dequantized weight (and merge/unmerge, the only
-        other methods that touch `self.weight`)."""
-        return self.weight
+        """The frozen W [out, in] (decoded, for a 4-bit base) in the adapter's dtype."""
+        if isinstance(self.base_layer, Linear):
+            return self.base_layer.weight
+        return self.base_layer.dequantize_weight().astype(self.A.dtype)
+
+    def set_base_weight(self, weight: np.ndarray) -> None:
+        """Overwrite the frozen weight with `weight` [out, in] (re-quantizing a 4-bit base)."""
+        if isinstance(self.base_layer, Linear):
+            self.base_layer.weight[...] = weight
+        else:
+            self.base_layer.set_weight(weight)
 
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
         """x (..., in) -> y (..., out); dropout on the LoRA path only when `training`.
@@ -237,10 +252,7 @@ class LoRALinear:
         no backward (unmerge to train again), as in PEFT.
         """
         _check_last_dim(x, self.in_features)
-        W = self.base_weight()
-        y = x @ W.T  # (..., in) @ (in, out) -> (..., out)
-        if self.bias is not None:
-            y = y + self.bias
+        y = self.base_layer.forward(x)  # (..., in) -> (..., out): x W^T + b
         if self.merged:  # scale * B @ A is already inside W
             self._cache = None
             return y
@@ -261,7 +273,7 @@ class LoRALinear:
             dL/dB = scale * dy^T h              (summed over every leading dim)
             dL/dh = scale * dy B
             dL/dA = (dL/dh)^T dropout(x)
-            dL/dx = dy W + (dL/dh A) * mask     (the frozen path, plus the LoRA path)
+            dL/dx = dy W + (dL/dh A) * mask     (the frozen base's backward, plus LoRA's path)
         """
         if self.merged:
             raise RuntimeError("the adapter is merged into the weight; unmerge() before training")
@@ -277,28 +289,34 @@ class LoRALinear:
         dx_lora = dh @ self.A  # (..., r) @ (r, in) -> (..., in)
         if mask is not None:
             dx_lora = dx_lora * mask
-        return dy @ self.base_weight() + dx_lora  # (..., out) @ (out, in) -> (..., in)
+        return self.base_layer.backward(dy) + dx_lora  # dy W: (..., out) @ (out, in) -> (..., in)
 
     def delta_weight(self) -> np.ndarray:
         """The update this adapter adds to W: scale * B @ A, [out, in], of rank <= r."""
         return self.scale * (self.B @ self.A)  # (out, r) @ (r, in) -> (out, in)
 
+    def merged_weight(self, sign: float = 1.0) -> np.ndarray:
+        """W + sign * scale * B @ A [out, in] (sign +1: merge, -1: unmerge)."""
+        with np.errstate(over="ignore", invalid="ignore"):  # the caller reports non-finite
+            return self.base_weight() + sign * self.delta_weight()
+
     def merge(self) -> None:
-        """Fold scale * B @ A into W, so forward costs one matmul. Checks before it changes W."""
+        """Fold scale * B @ A into W, so forward costs one matmul. Checks before it changes W;
+        a 4-bit base is re-quantized (lossy: outputs move by the 4-bit rounding)."""
         if self.merged:
             raise RuntimeError("the adapter is already merged; merging twice would add it twice")
-        with np.errstate(over="ignore", invalid="ignore"):  # reported just below, clearly
-            merged = self.weight + self.delta_weight()
+        merged = self.merged_weight(+1.0)
         if not np.all(np.isfinite(merged)):
             raise ValueError("merging would produce NaN or inf weights; W left unchanged")
-        self.weight[...] = merged
+        self.set_base_weight(merged)
         self.merged = True
 
     def unmerge(self) -> None:
-        """Subtract scale * B @ A from W again (exact up to float rounding)."""
+        """Subtract scale * B @ A from W again (exact up to float rounding; not for a 4-bit
+        base, where both steps round to 4 bits)."""
         if not self.merged:
             raise RuntimeError("the adapter is not merged; nothing to unmerge")
-        self.weight -= self.delta_weight()
+        self.set_base_weight(self.merged_weight(-1.0))
         self.merged = False
 
     def params(self) -> dict[str, np.ndarray]:

@@ -1,15 +1,18 @@
-"""A tiny MLP built from the NumPy layers, its loss, LoRA on it, and a training loop.
+"""LoRA on a whole NumPy model: a tiny MLP, and adding, listing, merging and unmerging its
+adapters (the mirror of `lowrank.torch.model`).
 
     model = MLP([16, 64, 64, 10], rng=np.random.default_rng(0))   # Linear-ReLU-Linear-ReLU-Linear
     train(model, X, y, AdamW(model.parameters(), lr=1e-2), epochs=20, batch_size=64, rng=rng)
     add_lora(model, r=4, alpha=8)              # freeze everything, wrap every Linear in LoRA
     optimizer = AdamW(model.parameters())      # now only "layers.0.A", "layers.0.B", ...
 
-The layout mirrors torch's `nn.Sequential` stored as `model.layers`: parameter names are
-"layers.<index>.<attribute>" ("layers.0.weight", "layers.2.A"), so the same network built in
-PyTorch has the same names and weights can be copied across by name.
+The layout mirrors torch's `nn.Sequential` stored as `model.layers`: parameter and layer names
+are "layers.<index>[.<attribute>]" ("layers.0.weight", "layers.2.A"), so the same network built
+in PyTorch has the same names and weights can be copied across by name. Targets are layer
+indices here, where torch's `add_lora` matches qualified names.
 
-LoRA: Hu et al. 2021, arXiv:2106.09685. The loss is the mean softmax cross-entropy.
+LoRA: Hu et al. 2021, arXiv:2106.09685; QLoRA (`quant_type="nf4"`): Dettmers et al. 2023,
+arXiv:2305.14314. The training loop and the loss are in `train.py`.
 """
 
 import numbers
@@ -17,7 +20,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lowrank._validate import check_quant_type
+
 from .lora import Linear, LoRALinear
+from .qlora import Linear4bit, QLoRALinear
 
 
 class ReLU:
@@ -95,8 +101,10 @@ class MLP:
         """All numbers in the model, frozen or not (a merged adapter's A and B included)."""
         total = 0
         for layer in self.layers:
-            if isinstance(layer, Linear | LoRALinear):
-                total += layer.weight.size + (0 if layer.bias is None else layer.bias.size)
+            base = layer.base_layer if isinstance(layer, LoRALinear) else layer
+            if isinstance(base, Linear | Linear4bit):  # a 4-bit weight counts as out * in
+                total += base.out_features * base.in_features
+                total += 0 if base.bias is None else base.bias.size
             if isinstance(layer, LoRALinear):
                 total += layer.A.size + layer.B.size
         return total
@@ -116,12 +124,16 @@ def add_lora(
     use_rslora: bool = False,
     init: str = "kaiming",
     rng: np.random.Generator | None = None,
+    quant_type: str | None = None,
 ) -> MLP:
     """Freeze the whole model and wrap the Linear layers at `targets` (indices into
     `model.layers`; None = every Linear) in LoRALinear, in place. Returns the model.
 
-    Afterwards `model.parameters()` holds only the adapters' A and B: build the optimizer
-    after this call. The new adapters start with B = 0, so the model computes what it did.
+    quant_type: "nf4", "fp4" or "int4" wraps them in QLoRALinear instead (a frozen 4-bit base,
+    blocksize 64, double quantization). Everything is checked, and every wrapper built, before
+    the model changes: a bad argument leaves it as it was. Afterwards `model.parameters()`
+    holds only the adapters' A and B: build the optimizer after this call. The new adapters
+    start with B = 0, so the model computes what it did.
     """
     linear_indices = [i for i, layer in enumerate(model.layers) if isinstance(layer, Linear)]
     targets = linear_indices if targets is None else list(targets)
@@ -134,105 +146,53 @@ def add_lora(
             )
     if len(set(targets)) != len(targets):
         raise ValueError(f"targets repeat a layer: {targets}")
+    if quant_type is not None:
+        check_quant_type(quant_type)
     rng = np.random.default_rng(0) if rng is None else rng
+    options = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init, rng=rng)
+    if quant_type is not None:
+        options |= dict(quant_type=quant_type, blocksize=64, double_quant=True)
+    wrapper = LoRALinear if quant_type is None else QLoRALinear
+    wrappers = {}  # built (and checked) before the model changes: a failure changes nothing
+    for index in targets:
+        base = model.layers[index]
+        try:
+            wrappers[index] = wrapper(base.weight, base.bias, **options)
+        except ValueError as error:
+            raise type(error)(f"layer 'layers.{index}': {error}") from None
     for layer in model.layers:
         if isinstance(layer, Linear):
             layer.requires_grad = False
-    for index in targets:
-        base = model.layers[index]
-        model.layers[index] = LoRALinear(
-            base.weight,
-            base.bias,
-            r=r,
-            alpha=alpha,
-            dropout=dropout,
-            use_rslora=use_rslora,
-            init=init,
-            rng=rng,
-        )
+    for index, wrapped in wrappers.items():
+        model.layers[index] = wrapped
     return model
 
 
-def lora_layers(model: MLP) -> list[LoRALinear]:
-    """The model's LoRALinear layers, in order."""
-    return [layer for layer in model.layers if isinstance(layer, LoRALinear)]
+def lora_layers(model: MLP) -> list[tuple[str, LoRALinear]]:
+    """(name, layer) for every LoRALinear of the model, in order ("layers.0", ...)."""
+    return [
+        (f"layers.{i}", layer)
+        for i, layer in enumerate(model.layers)
+        if isinstance(layer, LoRALinear)
+    ]
 
 
 def merge_lora(model: MLP) -> MLP:
-    """Fold every adapter into its frozen weight (see LoRALinear.merge). Returns the model."""
-    for layer in lora_layers(model):
+    """Fold every adapter into its frozen weight (see LoRALinear.merge). Checks every layer
+    before it changes any: a merge that would give NaN or inf changes nothing."""
+    layers = lora_layers(model)
+    if any(layer.merged for _, layer in layers):
+        raise RuntimeError("the model is already merged; merging twice would add updates twice")
+    for name, layer in layers:
+        if not np.all(np.isfinite(layer.merged_weight(+1.0))):
+            raise ValueError(f"merging layer {name!r} would produce NaN or inf; nothing changed")
+    for _, layer in layers:
         layer.merge()
     return model
 
 
 def unmerge_lora(model: MLP) -> MLP:
     """Take every adapter out of its weight again (see LoRALinear.unmerge). Returns the model."""
-    for layer in lora_layers(model):
+    for _, layer in lora_layers(model):
         layer.unmerge()
     return model
-
-
-def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
-    """Mean cross-entropy of integer `labels` (batch,) under softmax(logits (batch, classes)).
-
-    Returns (loss, dL/dlogits). Subtracting each row's max before exponentiating changes
-    nothing mathematically and keeps exp() from overflowing. The gradient is the classic
-    (softmax(logits) - one_hot(labels)) / batch.
-    """
-    if logits.ndim != 2 or labels.shape != (logits.shape[0],):
-        raise ValueError(
-            f"need logits (batch, classes) and labels (batch,), got "
-            f"{logits.shape} and {labels.shape}"
-        )
-    n, n_classes = logits.shape
-    if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= n_classes:
-        raise ValueError(f"labels must be ints in [0, {n_classes}), got {labels.dtype}")
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))  # (batch, classes)
-    loss = -log_probs[np.arange(n), labels].mean()
-    dlogits = np.exp(log_probs)
-    dlogits[np.arange(n), labels] -= 1.0
-    return float(loss), dlogits / n
-
-
-def train_step(model: MLP, x: np.ndarray, y: np.ndarray, optimizer: object) -> float:
-    """One forward, backward and optimizer step on the batch (x, y). Returns the loss."""
-    loss, dlogits = softmax_cross_entropy(model.forward(x, training=True), y)
-    model.backward(dlogits)
-    optimizer.step(model.gradients())
-    return loss
-
-
-def train(
-    model: MLP,
-    X: np.ndarray,
-    y: np.ndarray,
-    optimizer: object,
-    *,
-    epochs: int,
-    batch_size: int,
-    rng: np.random.Generator,
-) -> list[float]:
-    """Mini-batch training: each epoch visits the examples once, in an order drawn from `rng`.
-
-    `optimizer` is any object with `step(grads)` built on `model.parameters()` (SGD, AdamW).
-    Returns the loss of every step, in order.
-    """
-    if len(X) != len(y) or len(X) == 0:
-        raise ValueError(
-            f"X and y must hold the same non-zero number of examples: {len(X)}, {len(y)}"
-        )
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    losses = []
-    for _ in range(epochs):
-        order = rng.permutation(len(X))
-        for start in range(0, len(X), batch_size):
-            batch = order[start : start + batch_size]
-            losses.append(train_step(model, X[batch], y[batch], optimizer))
-    return losses
-
-
-def accuracy(model: MLP, X: np.ndarray, y: np.ndarray) -> float:
-    """Share of examples whose highest logit is the true label (no dropout)."""
-    return float(np.mean(model.forward(X, training=False).argmax(axis=1) == y))

@@ -1,4 +1,4 @@
-"""Tests for lowrank.numpy.model: the MLP, its loss, add_lora, merging, the training loop.
+"""Tests for lowrank.numpy.model: the MLP, add_lora (incl. QLoRA), lora_layers, merging.
 
 Oracles: finite differences (float64), torch autograd on the same network with copied weights,
 the cross-entropy formula, brute-force loops.
@@ -9,16 +9,17 @@ import pytest
 
 from lowrank.numpy import (
     MLP,
-    SGD,
     AdamW,
     Linear,
     LoRALinear,
+    QLoRALinear,
     ReLU,
-    accuracy,
     add_lora,
+    dequantize_4bit,
     lora_layers,
     merge_lora,
     numerical_gradient,
+    quantize_4bit,
     relative_error,
     softmax_cross_entropy,
     train,
@@ -40,7 +41,7 @@ def lora_model(seed: int = 0, **kwargs) -> MLP:
     """An MLP with adapters whose B is random, so every adapter gradient is non-trivial."""
     rng = np.random.default_rng(seed)
     model = add_lora(MLP(SIZES, rng=rng), r=2, alpha=4, rng=rng, **kwargs)
-    for layer in lora_layers(model):
+    for _, layer in lora_layers(model):
         layer.B[...] = rng.normal(size=layer.B.shape)
     return model
 
@@ -84,7 +85,7 @@ def test_lora_model_with_dropout_matches_finite_differences_with_fixed_masks() -
     X, y = batch(2)
 
     def forward():
-        for i, layer in enumerate(lora_layers(model)):
+        for i, (_, layer) in enumerate(lora_layers(model)):
             layer.rng = np.random.default_rng(100 + i)  # the same masks on every call
         return model.forward(X, training=True)
 
@@ -127,38 +128,6 @@ def test_forward_and_gradients_match_torch_with_copied_weights() -> None:
     grads = model.gradients()
     for name, p in reference.named_parameters():
         assert relative_error(grads[name], p.grad.numpy()) < SAME_MATH_TOL, name
-
-
-def test_softmax_cross_entropy_formula_and_stability() -> None:
-    torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(4)
-    logits = rng.normal(size=(5, 3)) * 3
-    labels = np.array([0, 2, 1, 1, 0])
-    # -log(exp(z_y) / sum_j exp(z_j)), averaged: written out with no max-shift.
-    expected = -np.mean(logits[np.arange(5), labels] - np.log(np.exp(logits).sum(axis=1)))
-    loss, dlogits = softmax_cross_entropy(logits, labels)
-    assert loss == pytest.approx(expected, rel=1e-13)
-    logits_t = torch.tensor(logits, requires_grad=True)
-    torch.nn.functional.cross_entropy(logits_t, torch.tensor(labels)).backward()
-    assert relative_error(dlogits, logits_t.grad.numpy()) < SAME_MATH_TOL
-    # Huge logits: the naive formula overflows, the shifted one does not.
-    big_loss, big_grad = softmax_cross_entropy(logits + 1000.0, labels)
-    assert big_loss == pytest.approx(expected, rel=1e-10)
-    assert np.all(np.isfinite(big_grad))
-
-
-@pytest.mark.parametrize(
-    ("logits", "labels"),
-    [
-        (np.zeros(3), np.zeros(3, dtype=int)),
-        (np.zeros((2, 3)), np.zeros(3, dtype=int)),
-        (np.zeros((2, 3)), np.array([0, 3])),
-        (np.zeros((2, 3)), np.array([0.0, 1.0])),
-    ],
-)
-def test_softmax_cross_entropy_rejects_bad_input(logits, labels) -> None:
-    with pytest.raises(ValueError, match="labels"):
-        softmax_cross_entropy(logits, labels)
 
 
 def test_add_lora_freezes_the_base_and_keeps_the_output() -> None:
@@ -213,7 +182,7 @@ def test_merge_lora_and_unmerge_lora_keep_the_output() -> None:
     X, _ = batch(7)
     before = model.forward(X, training=False)
     merge_lora(model)
-    assert all(layer.merged for layer in lora_layers(model))
+    assert all(layer.merged for _, layer in lora_layers(model))
     assert relative_error(model.forward(X, training=False), before) < SAME_MATH_TOL
     with pytest.raises(RuntimeError, match="already merged"):
         merge_lora(model)
@@ -221,45 +190,50 @@ def test_merge_lora_and_unmerge_lora_keep_the_output() -> None:
     assert relative_error(model.forward(X, training=False), before) < SAME_MATH_TOL
 
 
-def gaussian_clusters(seed: int, n: int = 300):
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(SIZES[-1], SIZES[0])) * 3
-    labels = rng.integers(0, SIZES[-1], size=n)
-    return centres[labels] + rng.normal(size=(n, SIZES[0])), labels
-
-
-@pytest.mark.parametrize(
-    "make_optimizer", [lambda p: SGD(p, lr=0.1, momentum=0.9), lambda p: AdamW(p, lr=1e-2)]
-)
-def test_training_reduces_the_loss(make_optimizer) -> None:
-    X, y = gaussian_clusters(8)
-    model = MLP(SIZES, rng=np.random.default_rng(8))
-    losses = train(model, X, y, make_optimizer(model.parameters()), epochs=10, batch_size=32,
-                   rng=np.random.default_rng(0))  # fmt: skip
-    assert len(losses) == 10 * 10  # ceil(300 / 32) = 10 steps per epoch
-    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
-    assert accuracy(model, X, y) > 0.9  # well separated clusters; chance is 0.25
-
-
-def test_accuracy_against_a_loop() -> None:
-    model = MLP(SIZES, rng=np.random.default_rng(9))
-    X, y = batch(9, n=50)
-    logits = model.forward(X)
-    hits = sum(int(np.argmax(logits[i]) == y[i]) for i in range(50))
-    assert accuracy(model, X, y) == hits / 50
-
-
-def test_train_rejects_bad_input() -> None:
-    model = MLP(SIZES)
-    X, y = batch()
-    optimizer = SGD(model.parameters(), lr=0.1)
-    rng = np.random.default_rng(0)
-    with pytest.raises(ValueError, match="same non-zero number"):
-        train(model, X, y[:5], optimizer, epochs=1, batch_size=4, rng=rng)
-    with pytest.raises(ValueError, match="batch_size"):
-        train(model, X, y, optimizer, epochs=1, batch_size=0, rng=rng)
-
-
 def test_mlp_rejects_too_few_sizes() -> None:
     with pytest.raises(ValueError, match="at least"):
         MLP([4])
+
+
+def test_lora_layers_are_named_like_torch_modules() -> None:
+    model = add_lora(MLP(SIZES), targets=[0, 4], r=2)
+    assert [(name, type(layer)) for name, layer in lora_layers(model)] == [
+        ("layers.0", LoRALinear),
+        ("layers.4", LoRALinear),
+    ]
+    assert all(model.layers[int(name.split(".")[1])] is layer for name, layer in lora_layers(model))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [({"alpha": 0}, ValueError), ({"r": 5}, ValueError), ({"dropout": 1.0}, ValueError),
+     ({"quant_type": "nf8"}, ValueError), ({"init": "zeros"}, ValueError)],
+)  # fmt: skip
+def test_add_lora_changes_nothing_when_an_argument_is_bad(kwargs, error) -> None:
+    model = MLP(SIZES, rng=np.random.default_rng(3))
+    before = [(type(layer), getattr(layer, "requires_grad", None)) for layer in model.layers]
+    weights = {n: p.copy() for n, p in model.parameters().items()}
+    with pytest.raises(error):
+        add_lora(model, r=kwargs.pop("r", 2), **kwargs)
+    assert [
+        (type(layer), getattr(layer, "requires_grad", None)) for layer in model.layers
+    ] == before
+    assert all(np.array_equal(p, weights[n]) for n, p in model.parameters().items())
+
+
+def test_add_lora_with_quant_type_stores_each_base_in_4_bits() -> None:
+    model = MLP(SIZES, rng=np.random.default_rng(6))
+    weights = [model.layers[i].weight.copy() for i in (0, 2, 4)]
+    add_lora(model, r=2, quant_type="nf4")
+    X, _ = batch(6)
+    for i, W in zip((0, 2, 4), weights, strict=True):
+        layer = model.layers[i]
+        assert isinstance(layer, QLoRALinear) and not hasattr(layer.base_layer, "weight")
+        # oracle: the 4-bit round trip of the original weight, done by hand here
+        expected = dequantize_4bit(quantize_4bit(W, blocksize=64, double_quant=True))
+        np.testing.assert_array_equal(layer.base_weight(), expected)
+    assert list(model.parameters()) == [f"layers.{i}.{ab}" for i in (0, 2, 4) for ab in "AB"]
+    check_gradients(model, *batch(2))
+    # a 4-bit weight still counts as out * in numbers
+    assert model.num_parameters() == MLP(SIZES).num_parameters() + model.num_trainable()
+    assert model.forward(X).shape == (len(X), SIZES[-1])

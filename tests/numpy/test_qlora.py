@@ -1,12 +1,21 @@
-"""lowrank.numpy.qlora.QLoRALinear: forward against the written-out formula, hand-written
-backward against finite differences, and the 4-bit base's bookkeeping."""
+"""lowrank.numpy.qlora: the frozen 4-bit Linear4bit and QLoRALinear on top of it. Forward
+against the written-out formula, hand-written backward against finite differences, and the
+4-bit base's bookkeeping."""
 
 import numpy as np
 import pytest
 
-from lowrank.numpy.gradcheck import numerical_gradient, numerical_gradient_of_output, relative_error
-from lowrank.numpy.qlora import QLoRALinear
-from lowrank.numpy.quant import code_for, dequantize_4bit, quantize_4bit, unpack_4bit
+from lowrank.numpy import (
+    Linear,
+    Linear4bit,
+    QLoRALinear,
+    dequantize_4bit,
+    numerical_gradient,
+    numerical_gradient_of_output,
+    quantize_4bit,
+    relative_error,
+)
+from lowrank.numpy.quant import code_for, unpack_4bit
 
 
 def make_layer(quant_type="nf4", use_rslora=False, bias=True, seed=0):
@@ -57,9 +66,13 @@ def test_only_the_4bit_copy_is_kept():
     rng = np.random.default_rng(0)
     W = rng.standard_normal((64, 128))
     layer = QLoRALinear(W, r=4, alpha=8)
-    assert layer.weight is None
-    assert layer.quantized.nbytes * 8 / W.size < 4.2  # ~4.13 bits per weight
-    np.testing.assert_array_equal(layer.base_weight(), dequantize_4bit(layer.quantized))
+    assert isinstance(layer.base_layer, Linear4bit)
+    assert not hasattr(layer.base_layer, "weight")  # no full-precision copy
+    with pytest.raises(AttributeError):
+        layer.weight  # noqa: B018
+    quantized = layer.base_layer.quantized()
+    assert quantized.nbytes * 8 / W.size < 4.2  # ~4.13 bits per weight
+    np.testing.assert_array_equal(layer.base_weight(), dequantize_4bit(quantized))
     assert layer.base_weight().dtype == np.float64
 
 
@@ -84,12 +97,12 @@ def test_merge_requantizes_and_guards():
 
 def test_merge_refuses_non_finite():
     layer, _, _ = make_layer()
-    codes_before = layer.quantized.packed.copy()
+    codes_before = layer.base_layer.weight_packed.copy()
     layer.B[0, 0] = np.inf
     with pytest.raises(ValueError, match="NaN or inf"):
         layer.merge()
     assert not layer.merged
-    np.testing.assert_array_equal(layer.quantized.packed, codes_before)
+    np.testing.assert_array_equal(layer.base_layer.weight_packed, codes_before)
 
 
 def test_new_adapter_leaves_the_quantized_base_output():
@@ -98,3 +111,57 @@ def test_new_adapter_leaves_the_quantized_base_output():
     layer = QLoRALinear(W, r=2, alpha=4)  # B = 0
     x = rng.standard_normal((3, 32))
     np.testing.assert_array_equal(layer.forward(x), x @ layer.base_weight().T)
+
+
+def make_linear4bit(seed=0, bias=True, quant_type="nf4"):
+    rng = np.random.default_rng(seed)
+    linear = Linear(10, 6, bias=bias, rng=rng)
+    return Linear4bit.from_linear(linear, quant_type=quant_type, blocksize=16), linear
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear4bit_forward_is_x_times_the_decoded_weight(bias):
+    layer, linear = make_linear4bit(bias=bias)
+    x = np.random.default_rng(6).standard_normal((2, 3, 10))
+    # oracle: the 4-bit round trip of the weight done by hand, then the linear formula
+    q = quantize_4bit(linear.weight, blocksize=16)
+    W_q = code_for("nf4")[unpack_4bit(q.packed, 60)] * np.repeat(q.absmax_float32(), 16)[:60]
+    W_q = W_q.reshape(6, 10).astype(np.float64)
+    expected = x @ W_q.T + (linear.bias if bias else 0.0)
+    np.testing.assert_allclose(layer.forward(x), expected, rtol=1e-13, atol=1e-13)
+    assert layer.dequantize_weight().dtype == np.float64  # the weight's own dtype
+
+
+def test_linear4bit_backward_decodes_again_and_matches_finite_differences():
+    layer, _ = make_linear4bit(seed=1)
+    x = np.random.default_rng(7).standard_normal((4, 10))
+    dy = np.random.default_rng(8).standard_normal((4, 6))
+    layer.forward(x)
+    dx = layer.backward(dy)
+    numeric = numerical_gradient_of_output(lambda v: layer.forward(v), x.copy(), dy)
+    assert relative_error(dx, numeric) < 1e-7
+    assert layer.params() == {} and layer.grads() == {}  # frozen: nothing to train
+
+
+def test_linear4bit_set_weight_checks_shape_and_values():
+    layer, linear = make_linear4bit(seed=2)
+    packed = layer.weight_packed.copy()
+    with pytest.raises(ValueError, match=r"weight must be \[6, 10\]"):
+        layer.set_weight(np.zeros((10, 6)))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        layer.set_weight(np.full((6, 10), np.nan))
+    np.testing.assert_array_equal(layer.weight_packed, packed)
+    layer.set_weight(2 * linear.weight)
+    np.testing.assert_array_equal(
+        layer.dequantize_weight(), dequantize_4bit(quantize_4bit(2 * linear.weight, blocksize=16))
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"quant_type": "nf3"}, "quant_type"), ({"blocksize": 48}, "power of two"),
+     ({"double_quant": "no"}, "double_quant must be True or False")],
+)  # fmt: skip
+def test_linear4bit_refuses_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Linear4bit.from_linear(Linear(4, 3), **kwargs)
