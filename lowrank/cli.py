@@ -1,61 +1,20 @@
 """The `lowrank` command line (`python -m lowrank` too). Thin: every command calls the library."""
 
+# argparse only: each command's job lives in lowrank.commands and is imported when the command
+# runs, so `lowrank numpy-demo` never imports torch.
+
 import argparse
+import importlib
+from collections.abc import Callable
 
 
-def _numpy_demo(args: argparse.Namespace) -> int:
-    from lowrank.numpy.demo import format_report, run_demo
+def _job(module: str) -> Callable[[argparse.Namespace], int]:
+    """`main(args)` of `lowrank.commands.<module>`, imported only when the command runs."""
 
-    print(format_report(run_demo(seed=args.seed)))
-    return 0
+    def run(args: argparse.Namespace) -> int:
+        return importlib.import_module(f"lowrank.commands.{module}").main(args)
 
-
-def _demo(args: argparse.Namespace) -> int:
-    from lowrank.torch.demo import main
-
-    return main(smoke=args.smoke, out_dir=args.out)
-
-
-def _finetune(args: argparse.Namespace) -> int:
-    from lowrank.torch.hf import finetune
-
-    targets = args.targets.split(",") if args.targets else None
-    try:
-        result = finetune(
-            args.model,
-            args.data,
-            method=args.method,
-            r=args.r,
-            alpha=args.alpha,
-            targets=targets,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            out_dir=args.out,
-        )
-    except (ValueError, FileNotFoundError) as error:  # bad data or arguments: say which
-        print(f"lowrank finetune: error: {error}")
-        return 2
-    print(f"{result.steps} steps, final loss {result.losses[-1]:.4f}; written to {result.out_dir}")
-    return 0
-
-
-def _estimate(args: argparse.Namespace) -> int:
-    from lowrank.memory import estimate_memory
-
-    targets = args.targets.split(",") if args.targets else None
-    estimate = estimate_memory(
-        args.config,
-        method=args.method,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        r=args.r,
-        targets=targets,
-        gradient_checkpointing=args.gradient_checkpointing,
-        dtype=args.dtype,
-    )
-    print(estimate)
-    return 0
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="NumPy only: adapt a tiny pre-trained MLP to a shifted task, full fine-tuning vs LoRA",
     )
     numpy_demo.add_argument("--seed", type=int, default=0)
-    numpy_demo.set_defaults(run=_numpy_demo)
+    numpy_demo.set_defaults(run=_job("numpy_demo"))
 
     demo = commands.add_parser(
         "demo",
@@ -75,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (for tests)")
     demo.add_argument("--out", default="lowrank-report", help="report folder")
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(run=_job("demo"))
 
     finetune = commands.add_parser(
         "finetune", help="fine-tune a Hugging Face model on your JSONL data (full, LoRA, QLoRA)"
@@ -92,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--batch-size", type=int, default=8)
     finetune.add_argument("--lr", type=float, help="default 2e-5 (full) or 2e-4 (adapters)")
     finetune.add_argument("--out", default="runs/finetune", help="output folder")
-    finetune.set_defaults(run=_finetune)
+    finetune.set_defaults(run=_job("finetune"))
 
     estimate = commands.add_parser(
         "estimate", help="training memory from a Hugging Face config.json alone (no weights)"
@@ -105,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--targets", help="comma-separated layer names, or all-linear")
     estimate.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     estimate.add_argument("--gradient-checkpointing", action="store_true")
-    estimate.set_defaults(run=_estimate)
+    estimate.set_defaults(run=_job("estimate"))
     return parser
 
 

@@ -5,11 +5,9 @@ from .adapters import (
     delete_adapter,
     disable_adapters,
     list_adapters,
-    load_adapter,
-    lora_state_dict,
-    save_adapter,
     set_active_adapter,
 )
+from .agreement import TorchMLP, numpy_torch_agreement
 from .analysis import (
     best_rank_r,
     effective_rank,
@@ -20,20 +18,23 @@ from .analysis import (
     subspace_similarity,
     subspace_similarity_grid,
 )
+from .bnb_format import from_bnb_state_dict, to_bnb_state_dict
 from .hf import (
+    MeanPoolClassifier,
+    accuracy,
     all_linear_targets,
+    classification_loss,
+    collate_token_ids,
     default_targets,
-    finetune,
     load_model,
     load_tokenizer,
+    logits,
     minilm_path,
     prepare_for_kbit_training,
+    tokenize_examples,
 )
-from .lora import (
-    LoRAConv1D,
-    LoRAEmbedding,
-    LoRALayer,
-    LoRALinear,
+from .lora import LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear
+from .model import (
     add_lora,
     count_parameters,
     lora_layers,
@@ -42,17 +43,16 @@ from .lora import (
     merged_copy,
     unmerge_lora,
 )
+from .peft_format import adapter_config, load_adapter, lora_state_dict, save_adapter
 from .qlora import Linear4bit
 from .quant import (
     Quantized4bit,
     dequantize_4bit,
     dynamic_map,
     fp4_code,
-    from_bnb_state_dict,
     int4_code,
     nf4_code,
     quantize_4bit,
-    to_bnb_state_dict,
 )
 from .train import (
     TrainConfig,

@@ -1,4 +1,5 @@
-"""Hugging Face models for LoRA and QLoRA: loading, which layers to adapt, k-bit preparation.
+"""Hugging Face models for LoRA and QLoRA: loading, which layers to adapt, k-bit preparation,
+and the word-sentiment task that `lowrank demo` and the notebooks train.
 
     model = load_model(minilm_path(), task="base")          # a local folder, or a hub name
     tokenizer = load_tokenizer(minilm_path())
@@ -17,20 +18,32 @@ k-bit preparation (`prepare_for_kbit_training`), as QLoRA training needs it:
 - with gradient checkpointing, the embedding output is made to require grad, so the
   recomputed blocks have something to back-propagate to even though the base is frozen.
 
+The word task: `tokenize_examples` turns (word, label) pairs into (token ids, label) pairs,
+`collate_token_ids` pads them into a batch, `MeanPoolClassifier` puts a linear head on the mean
+of an encoder's token states (all-MiniLM-L6-v2's pooling), and `classification_loss`, `logits`
+and `accuracy` are the loss for `train` and the metrics:
+
+    train_set = tokenize_examples(tokenizer, zip(data.train_texts, data.train_labels))
+    model = MeanPoolClassifier(load_model(minilm_path()), num_labels=2)
+    train(model, train_set, config, loss_fn=classification_loss, collate=collate_token_ids)
+    accuracy(model, test_set, device)
+
 Everything here works offline: a folder is read as is, and a hub name is looked up in the
 local cache only when HF_HUB_OFFLINE=1.
 """
 
 import os
+from collections.abc import Iterable
 from importlib.util import find_spec
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from lowrank.memory import DEFAULT_TARGETS
+from lowrank.shapes import DEFAULT_TARGETS
 
-from .lora import is_conv1d
+from .model import is_conv1d
 
 # Output layers that map hidden states to vocabulary or classes: never adapted by "all linear".
 HEAD_NAMES = ("lm_head", "classifier", "score")
@@ -135,117 +148,113 @@ def prepare_for_kbit_training(
     return model
 
 
-def _tokenize_for_training(dataset, tokenizer, max_length: int) -> list[dict]:
-    """Token ids and labels per row. Language modelling: labels are the ids themselves (the
-    model shifts them), with -100 (ignored by the loss) on prompt tokens for prompt/completion.
-    Classification: the class index."""
-    examples = []
-    if dataset.format == "classification":
-        for row, label in zip(dataset.rows, dataset.label_ids(), strict=True):
-            ids = tokenizer(row["text"], truncation=True, max_length=max_length)["input_ids"]
-            examples.append({"input_ids": ids, "labels": label})
-        return examples
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for row in dataset.rows:
-        if dataset.format == "text":
-            ids = tokenizer(row["text"])["input_ids"] + eos
-            labels = list(ids)
-        else:
-            prompt = tokenizer(row["prompt"])["input_ids"]
-            completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + eos
-            ids = prompt + completion
-            labels = [-100] * len(prompt) + completion
-        examples.append({"input_ids": ids[:max_length], "labels": labels[:max_length]})
-    return examples
+# The word-sentiment task of `lowrank demo` and the notebooks: (token ids, label) examples, a
+# mean-pooling classifier on a sentence encoder, and the loss and metrics around it.
 
 
-def _pad_collate(pad_id: int):
-    def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
-        mask = torch.zeros(len(examples), longest, dtype=torch.long)
-        sequence_labels = isinstance(examples[0]["labels"], list)
-        labels = torch.full((len(examples), longest), -100) if sequence_labels else None
-        for row, example in enumerate(examples):
-            n = len(example["input_ids"])
-            ids[row, :n] = torch.tensor(example["input_ids"])
-            mask[row, :n] = 1
-            if sequence_labels:
-                labels[row, :n] = torch.tensor(example["labels"])
-        if not sequence_labels:
-            labels = torch.tensor([e["labels"] for e in examples])
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+def tokenize_examples(
+    tokenizer, examples: Iterable[tuple[str, int]]
+) -> list[tuple[list[int], int]]:
+    """(text, label) pairs -> (token ids, label) pairs, not padded (`collate_token_ids` pads).
 
-    return collate
-
-
-def finetune(
-    model_name_or_path: str | os.PathLike,
-    data_path: str | os.PathLike,
-    *,
-    method: str = "lora",
-    r: int = 8,
-    alpha: float = 16,
-    targets: list[str] | str | None = None,
-    epochs: int = 1,
-    batch_size: int = 8,
-    lr: float | None = None,
-    max_length: int = 256,
-    out_dir: str | os.PathLike = "runs/finetune",
-    gradient_checkpointing: bool = False,
-    progress: bool = True,
-):
-    """Fine-tune a Hugging Face model on a JSONL file (see `lowrank.data.read_jsonl`).
-
-    text or prompt/completion rows: causal language modelling; text/label rows: sequence
-    classification (a new head, trained alongside the adapters). method "full", "lora" or
-    "qlora" (NF4 + double quantization base). targets: None for the architecture's default
-    (LoRA: query and value projections; QLoRA: all linear layers), "all-linear", or names.
-    lr: None for 2e-5 (full) or 2e-4 (adapters). Writes log.jsonl, the adapter (PEFT layout)
-    and other trained tensors to `out_dir`. Returns the `TrainResult`.
+    >>> train_set = tokenize_examples(tokenizer, zip(data.train_texts, data.train_labels))
+    >>> tokenize_examples(tokenizer, [("good", 1), ("awful", 0)])  # [CLS] word [SEP], label
+    [([101, 2204, 102], 1), ([101, 9643, 102], 0)]
     """
-    from lowrank.data import read_jsonl
+    pairs = list(examples)
+    if not pairs:
+        return []
+    ids = tokenizer([text for text, _ in pairs])["input_ids"]
+    return [(token_ids, label) for token_ids, (_, label) in zip(ids, pairs, strict=True)]
 
-    from .lora import add_lora
-    from .train import TrainConfig, train
 
-    if method not in ("full", "lora", "qlora"):
-        raise ValueError(f"method must be 'full', 'lora' or 'qlora', got {method!r}")
-    dataset = read_jsonl(data_path)  # errors name the line before any model is loaded
-    classification = dataset.format == "classification"
-    model = load_model(
-        model_name_or_path,
-        task="classification" if classification else "causal_lm",
-        num_labels=len(dataset.label_names) if classification else None,
-    )
-    tokenizer = load_tokenizer(model_name_or_path)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    if method == "full":
-        model.requires_grad_(True)
-    else:
-        if targets is None:
-            targets = "all-linear" if method == "qlora" else default_targets(model)
-        if targets == "all-linear" or targets == ["all-linear"]:
-            targets = all_linear_targets(model)
-        if method == "qlora":
-            prepare_for_kbit_training(model, gradient_checkpointing=gradient_checkpointing)
-        add_lora(model, targets, r=r, alpha=alpha, quant_type="nf4" if method == "qlora" else None)
-        for name, module in model.named_modules():  # a new classification head must train
-            if name.rsplit(".", 1)[-1] in HEAD_NAMES and classification:
-                module.requires_grad_(True)
-    examples = _tokenize_for_training(dataset, tokenizer, max_length)
-    config = TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr if lr is not None else (2e-5 if method == "full" else 2e-4),
-        gradient_checkpointing=gradient_checkpointing,
-        out_dir=str(out_dir),
-        progress=progress,
-    )
+class MeanPoolClassifier(nn.Module):
+    """A sentence encoder plus a linear head on the mean of its token states (padding excluded),
+    the pooling all-MiniLM-L6-v2 was trained with.
 
-    def loss_fn(model: nn.Module, batch: dict) -> torch.Tensor:
-        return model(**batch).loss
+    >>> model = MeanPoolClassifier(load_model(minilm_path()), num_labels=2)
+    >>> model(input_ids, attention_mask).shape  # (batch, tokens) each -> (batch, labels)
+    torch.Size([32, 2])
+    """
 
-    collate = _pad_collate(tokenizer.pad_token_id)
-    return train(model, examples, config, loss_fn=loss_fn, collate=collate)
+    def __init__(self, encoder: nn.Module, num_labels: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)  # (batch, tokens, 1)
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)  # (batch, hidden)
+        return self.head(pooled)  # (batch, hidden) @ (hidden, labels) -> (batch, labels)
+
+
+def collate_token_ids(
+    examples: list[tuple[list[int], int]], pad_id: int = 0
+) -> dict[str, torch.Tensor]:
+    """(token ids, label) pairs -> a batch padded to its longest sequence with `pad_id` (BERT's
+    [PAD] is 0): input_ids and attention_mask (batch, tokens), labels (batch,). A `collate`
+    for `train`.
+
+    >>> collate_token_ids([([101, 7, 102], 1), ([101, 102], 0)])["attention_mask"]
+    tensor([[1, 1, 1],
+            [1, 1, 0]])
+    """
+    longest = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(examples), longest, dtype=torch.long)
+    for row, (ids, _) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+    labels = torch.tensor([label for _, label in examples])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _as_logits(output) -> torch.Tensor:
+    """A model's logits: the tensor itself, or the `.logits` of a transformers output."""
+    return getattr(output, "logits", output)
+
+
+def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of the model's logits (computed in float32) against batch["labels"]:
+    a `loss_fn` for `train`, for `MeanPoolClassifier` or a transformers classification model.
+
+    >>> train(model, train_set, config, loss_fn=classification_loss, collate=collate_token_ids)
+    """
+    output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return F.cross_entropy(_as_logits(output).float(), batch["labels"])
+
+
+@torch.no_grad()
+def logits(
+    model: nn.Module,
+    examples: list[tuple[list[int], int]],
+    device: torch.device | str,
+    batch_size: int = 250,
+) -> torch.Tensor:
+    """The model's logits (n, labels) for (token ids, label) pairs, float32 on the CPU: in eval
+    mode, `batch_size` examples at a time, the inputs moved to `device` (where the model is).
+
+    >>> logits(model, test_set, "cpu").argmax(1)  # the predicted classes, (n,)
+    """
+    model.eval()
+    outputs = []
+    for start in range(0, len(examples), batch_size):
+        batch = collate_token_ids(examples[start : start + batch_size])
+        output = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+        )
+        outputs.append(_as_logits(output).float().cpu())  # (batch, labels)
+    return torch.cat(outputs)
+
+
+def accuracy(
+    model: nn.Module, examples: list[tuple[list[int], int]], device: torch.device | str
+) -> float:
+    """Share of (token ids, label) pairs whose predicted class (the largest logit) is the label.
+
+    >>> accuracy(model, test_set, "cpu")  # a float in [0, 1]
+    """
+    labels = torch.tensor([label for _, label in examples])
+    return (logits(model, examples, device).argmax(1) == labels).float().mean().item()

@@ -5,8 +5,13 @@ epoch. Numbers that do not depend on training are checked against independent co
 """
 
 import json
+from types import SimpleNamespace
+
+import torch
+from torch import nn
 
 from lowrank.cli import main
+from lowrank.commands.demo import _peak_bytes
 
 
 def test_smoke_demo_end_to_end(tmp_path, capsys):
@@ -16,6 +21,9 @@ def test_smoke_demo_end_to_end(tmp_path, capsys):
     assert str(out) in printed and "within 1 point of full fine-tuning" in printed
     for name in ("report.json", "summary.md", "accuracy.png", "loss_curves.png"):
         assert (out / name).stat().st_size > 0
+    for name in ("accuracy.png", "trainable_params.png", "loss_curves.png", "update_energy.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # PNG's signature
+    assert not list(out.glob(".*.tmp"))  # every atomic write renamed its temporary file
     report = json.loads((out / "report.json").read_text())
 
     rows = {row["method"]: row for row in report["rows"]}
@@ -48,3 +56,13 @@ def test_smoke_demo_end_to_end(tmp_path, capsys):
     agreement = report["numpy_vs_torch"]
     assert agreement["max_relative_loss_diff"] <= 1e-9
     assert agreement["max_relative_adapter_diff"] <= 1e-9
+
+
+def test_peak_memory_semantics():
+    # Oracle: the bytes of nn.Linear(3, 2) in float32 counted by hand, (3 * 2 + 2) * 4 = 32.
+    model = nn.Linear(3, 2)
+    measured = SimpleNamespace(peak_bytes=1000, rise_bytes=100)
+    assert _peak_bytes(measured, model, torch.device("cuda")) == 1000  # the allocator's peak
+    assert _peak_bytes(measured, model, torch.device("cpu")) == 32 + 100  # weights + RSS rise
+    unmeasurable = SimpleNamespace(peak_bytes=None, rise_bytes=None)
+    assert _peak_bytes(unmeasurable, model, torch.device("cpu")) is None
