@@ -13,6 +13,7 @@ computed it.
 
 import math
 import numbers
+import warnings
 from collections.abc import Iterable
 
 QUANT_TYPES = ("nf4", "fp4", "int4")  # the 4-bit codebooks (`quant.code_for`)
@@ -23,6 +24,10 @@ FLOAT_DTYPES = ("fp32", "fp16", "bf16")  # storage names used by accounting and 
 
 class ArgumentTypeError(TypeError, ValueError):
     """An argument of the wrong type (a TypeError that `except ValueError` also catches)."""
+
+
+class RankWarning(UserWarning):
+    """A LoRA rank above min(in, out): allowed (PEFT allows it), but it buys nothing."""
 
 
 def check_int(name: str, value: object, *, low: int = 1, high: int | None = None) -> int:
@@ -94,19 +99,24 @@ def check_blocksize(blocksize: object) -> int:
 
 
 def check_rank(r: object, in_features: int, out_features: int) -> int:
-    """A LoRA rank for a [out_features, in_features] weight: a positive int <= min(in, out).
+    """A LoRA rank for a [out_features, in_features] weight: any positive int, as in PEFT.
 
-    B @ A can never have a rank above min(in, out), so a bigger r only adds parameters.
+    B @ A can never have a rank above min(in, out), so a larger r only adds parameters (and
+    changes the scale alpha / r): that is allowed, because PEFT allows it and its files must
+    load (its default r=8 on a 2-class head, say), but it warns.
     """
     largest = min(in_features, out_features)
     if isinstance(r, bool) or not isinstance(r, numbers.Integral):
-        raise ArgumentTypeError(
-            f"rank r must be an int in [1, {largest}], got {r!r} ({type(r).__name__})"
-        )
-    if not 1 <= r <= largest:
-        raise ValueError(
-            f"rank r must be in [1, min(in_features, out_features)] = [1, {largest}] "
-            f"for a {out_features}x{in_features} weight, got {r}"
+        raise ArgumentTypeError(f"rank r must be a positive int, got {r!r} ({type(r).__name__})")
+    if r < 1:
+        raise ValueError(f"rank r must be a positive int, got {r}")
+    if r > largest:
+        warnings.warn(
+            f"r={r} exceeds min(in_features, out_features) = {largest} for a "
+            f"{out_features}x{in_features} weight: the update B @ A has rank at most {largest}, "
+            "so the extra rank adds parameters but no expressive power",
+            RankWarning,
+            stacklevel=3,
         )
     return int(r)
 

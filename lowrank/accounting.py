@@ -25,7 +25,14 @@ import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
-from lowrank._validate import FLOAT_DTYPES, METHODS, check_blocksize, check_choice, check_int
+from lowrank._validate import (
+    FLOAT_DTYPES,
+    METHODS,
+    check_blocksize,
+    check_choice,
+    check_int,
+    check_rank,
+)
 from lowrank.shapes import TransformerShape
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -61,12 +68,12 @@ class ParamCounts:
 
 def lora_parameters(shapes: Iterable[tuple[int, int]], r: int) -> int:
     """Trainable parameters of LoRA adapters on weights of the given (out, in) shapes:
-    A [r, in] plus B [out, r], so r * (in + out) per matrix."""
+    A [r, in] plus B [out, r], so r * (in + out) per matrix. An r above min(out, in) is
+    counted as it is stored, with a warning (`_validate.check_rank`)."""
     check_int("r", r)
     total = 0
     for out, in_ in shapes:
-        if r > min(out, in_):
-            raise ValueError(f"r={r} exceeds min(out, in) = {min(out, in_)} for shape {(out, in_)}")
+        check_rank(r, in_, out)
         total += r * (in_ + out)
     return total
 

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from lowrank._validate import RankWarning
 from lowrank.accounting import (
     adapter_checkpoint_bytes,
     bits_per_weight,
@@ -273,8 +274,9 @@ def test_bad_arguments_raise():
         param_counts(ROBERTA_BASE, method="lora", targets=())
     with pytest.raises(ValueError, match="method must be one of"):
         param_counts(ROBERTA_BASE, method="adapter")
-    with pytest.raises(ValueError, match=r"r=1000 exceeds min\(out, in\) = 768"):
-        param_counts(ROBERTA_BASE, method="lora", r=1000)
+    with pytest.warns(RankWarning, match=r"r=1000 exceeds min\(in_features, out_features\)"):
+        counts = param_counts(ROBERTA_BASE, method="lora", r=1000)  # counted as stored
+    assert counts.trainable == 12 * 2 * 1000 * (768 + 768)
     with pytest.raises(ValueError, match="r must be a positive int"):
         lora_parameters([(4, 4)], 0)
     with pytest.raises(ValueError, match="dtype must be one of"):

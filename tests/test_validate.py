@@ -4,6 +4,7 @@ Oracle: the rules written out in each test (which values are acceptable, by hand
 """
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from lowrank._validate import (
     ArgumentTypeError,
+    RankWarning,
     check_adapter,
     check_blocksize,
     check_bool,
@@ -26,12 +28,17 @@ from lowrank._validate import (
 
 @settings(max_examples=100, deadline=None)
 @given(st.integers(1, 50), st.integers(1, 50), st.integers(-5, 60))
-def test_check_rank_accepts_exactly_one_to_min(n_in, n_out, r) -> None:
-    if 1 <= r <= min(n_in, n_out):
-        assert check_rank(r, n_in, n_out) == r
-    else:
-        with pytest.raises(ValueError, match=f"1, {min(n_in, n_out)}"):
+def test_check_rank_accepts_any_positive_int_and_warns_above_min(n_in, n_out, r) -> None:
+    if r < 1:
+        with pytest.raises(ValueError, match="rank r must be a positive int"):
             check_rank(r, n_in, n_out)
+    elif r <= min(n_in, n_out):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no warning within the bound
+            assert check_rank(r, n_in, n_out) == r
+    else:
+        with pytest.warns(RankWarning, match=f"rank at most {min(n_in, n_out)}"):
+            assert check_rank(r, n_in, n_out) == r
 
 
 @pytest.mark.parametrize("value", [True, 2.0, "2", None, np.float64(2.0)])
@@ -98,7 +105,7 @@ def test_check_adapter_names_the_first_bad_field() -> None:
     good = dict(r=2, alpha=4, dropout=0.1, init="kaiming", in_features=8, out_features=3)
     check_adapter(**good)
     for field, value, message in [
-        ("r", 4, "rank r"),
+        ("r", 0, "rank r"),
         ("alpha", math.inf, "alpha"),
         ("dropout", 1.0, "dropout"),
         ("init", "orthogonal", "init must be one of"),

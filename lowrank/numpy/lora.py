@@ -156,7 +156,8 @@ class LoRALinear:
     Arguments:
         weight: W [out, in], frozen (copied: `merge` changes the layer's copy, not yours).
         bias: b [out] or None, frozen.
-        r: the rank, a positive int <= min(in, out) (see `validate_rank`).
+        r: the rank, a positive int; above min(in, out) it warns (B @ A cannot have a higher
+            rank), as PEFT allows it (see `lowrank._validate.check_rank`).
         alpha: the scale numerator; scale = alpha / r (or alpha / sqrt(r) with use_rslora).
         dropout: probability of zeroing an input element of the LoRA path while training
             (inverted dropout: survivors are divided by 1 - p). The frozen path sees x intact.

@@ -10,12 +10,15 @@ adds adapters; this file manages them (the PEFT file format is in `peft_format.p
 """
 
 import math
+import numbers
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from lowrank._validate import ArgumentTypeError, RankWarning, check_adapter_name
 from lowrank.torch.lora import LoRALayer
 from lowrank.torch.model import lora_layers, mark_only_lora_trainable, replace_module
 
@@ -52,21 +55,34 @@ def set_active_adapter(model: nn.Module, name: str) -> None:
 
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """`with disable_adapters(model):` runs the bare base model (e.g. a reference output)."""
+    """`with disable_adapters(model):` runs the bare base model (e.g. a reference output).
+
+    Inside the block no adapter adds anything and none is trainable (as in PEFT: a step taken
+    there must not move an adapter that did not take part); on leaving, every flag and every
+    requires_grad is restored, also after an exception.
+    """
     check_unmerged(model, "disable adapters")
     layers = [layer for _, layer in lora_layers(model)]
+    factors = [p for layer in layers for p in (*layer.A.values(), *layer.B.values())]
+    trainable = [p.requires_grad for p in factors]
     for layer in layers:
         layer.disabled = True
+    for parameter in factors:
+        parameter.requires_grad_(False)
     try:
         yield model
     finally:
         for layer in layers:
             layer.disabled = False
+        for parameter, flag in zip(factors, trainable, strict=True):
+            parameter.requires_grad_(flag)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name` everywhere; a layer left without adapters becomes its plain base
-    layer again. Deleting the active adapter leaves no adapter active."""
+    layer again. Deleting the active adapter leaves no adapter active: unlike PEFT, which
+    activates one of the remaining adapters, lowrank does not switch the model to another
+    task's adapter without being asked (`set_active_adapter` does that)."""
     check_known(model, name)
     if any(name == layer.merged_adapter for _, layer in lora_layers(model)):
         raise RuntimeError(f"adapter {name!r} is merged; unmerge_lora(model) first")
@@ -109,12 +125,23 @@ def combine_adapters(
       only when a single adapter has nonzero weight, or the cross terms vanish.
 
     A layer that lacks some of the adapters uses those it has. `r` is needed for "svd" only;
-    a layer gets rank min(r, in, out), zero-padded where the sum has a lower rank.
+    a layer gets rank min(r, in, out), zero-padded where the sum has a lower rank. "cat" may
+    give a layer a rank above min(in, out) (the sum's rank cannot be): that is what exactness
+    costs, so it does not warn.
+
+    Every layer's factors are computed and checked (finite) before any layer changes; if
+    adding them fails anyway, the new adapter is removed again: the model is as it was.
     """
     if combination not in COMBINATIONS:
         raise ValueError(f"combination must be one of {COMBINATIONS}, got {combination!r}")
     if not names or len(names) != len(weights):
         raise ValueError(f"need one weight per adapter: {len(names)} names, {len(weights)} weights")
+    for weight in weights:
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+            raise ArgumentTypeError(f"weights must be real numbers, got {weight!r}")
+        if not math.isfinite(weight):
+            raise ValueError(f"weights must be finite, got {weights}")
+    check_adapter_name(new_name)
     for name in names:
         check_known(model, name)
     if new_name in list_adapters(model):
@@ -130,13 +157,24 @@ def combine_adapters(
             continue
         with torch.no_grad():
             A, B = _combine(layer, present, combination, r, layer_name)
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise ValueError(f"combining gives NaN or inf on layer {layer_name!r}; nothing added")
         plans.append((layer, A, B))
-    for layer, A, B in plans:
-        rank = A.shape[0]
-        layer.add_adapter(new_name, r=rank, alpha=rank)
-        with torch.no_grad():
-            layer.A[new_name].copy_(A)
-            layer.B[new_name].copy_(B)
+    added = []
+    try:
+        for layer, A, B in plans:
+            rank = A.shape[0]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RankWarning)  # "cat" may exceed min(in, out)
+                layer.add_adapter(new_name, r=rank, alpha=rank)
+            added.append(layer)
+            with torch.no_grad():
+                layer.A[new_name].copy_(A)
+                layer.B[new_name].copy_(B)
+    except BaseException:
+        for layer in added:
+            layer.delete_adapter(new_name)
+        raise
     mark_only_lora_trainable(model)
 
 

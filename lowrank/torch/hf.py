@@ -43,7 +43,9 @@ from torch import nn
 
 from lowrank.shapes import DEFAULT_TARGETS
 
-from .model import is_conv1d
+from .lora import LoRALayer
+from .model import candidate_names, is_conv1d
+from .qlora import Linear4bit
 
 # Output layers that map hidden states to vocabulary or classes: never adapted by "all linear".
 HEAD_NAMES = ("lm_head", "classifier", "score")
@@ -118,15 +120,19 @@ def default_targets(model: nn.Module) -> list[str]:
 def all_linear_targets(model: nn.Module) -> list[str]:
     """Qualified names of every Linear / GPT-2 Conv1D layer except the output head: QLoRA's
     choice, and PEFT's target_modules="all-linear", except that a classification head
-    ("classifier", "score") is left out too: a new head trains in full, not through LoRA."""
+    ("classifier", "score") is left out too: a new head trains in full, not through LoRA.
+
+    On a model that already has adapters, a wrapped layer is named by its wrapper (never its
+    `base_layer`), and a 4-bit `Linear4bit` counts as linear, so a second all-linear adapter
+    lands on the same layers as the first."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = [
-        name
-        for name, module in model.named_modules()
-        if (isinstance(module, nn.Linear) or is_conv1d(module))
-        and module is not output
-        and name.rsplit(".", 1)[-1] not in HEAD_NAMES
-    ]
+    names = []
+    for name in candidate_names(model):  # wrappable layers and wrappers, not their insides
+        module = model.get_submodule(name)
+        base = module.base_layer if isinstance(module, LoRALayer) else module
+        linear = isinstance(base, nn.Linear | Linear4bit) or is_conv1d(base)
+        if linear and base is not output and name.rsplit(".", 1)[-1] not in HEAD_NAMES:
+            names.append(name)
     if not names:
         raise ValueError("the model has no Linear or Conv1D layers to adapt")
     return names

@@ -73,6 +73,7 @@ class LoRALayer(nn.Module):
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
         self.disabled = False
+        self.train(base_layer.training)  # a wrapper takes the mode of what it wraps
 
     @property
     def merged(self) -> bool:
@@ -147,6 +148,7 @@ class LoRALayer(nn.Module):
         self.A[name] = nn.Parameter(A)  # (r, in)
         self.B[name] = nn.Parameter(B)  # (out, r)
         self.dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout[name].train(self.training)  # in eval mode, a new adapter's dropout is off
         self.r[name], self.alpha[name], self.use_rslora[name] = r, float(alpha), use_rslora
 
     @staticmethod

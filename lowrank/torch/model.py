@@ -183,10 +183,15 @@ def add_lora(
     quant_type: "nf4", "fp4" (or "int4") replaces each selected Linear/Conv1D by a frozen
         4-bit `Linear4bit` (blocksize 64, double quantization): QLoRA.
 
-    Layers are wrapped in place (a layer wrapped before gets a second adapter). Afterwards
-    only the active adapter's A and B require grad; everything else is frozen. The first
-    adapter put on a model becomes active; later ones wait for `set_active_adapter`.
-    Works on the meta device: A and B are created where the base weights live.
+    Layers are wrapped in place (a layer wrapped before gets a second adapter); a new wrapper
+    takes the train/eval mode of the layer it wraps. Afterwards only the active adapter's A and
+    B require grad; everything else is frozen (a new classifier head too: re-enable it
+    yourself; PEFT would need `modules_to_save`). The first adapter put on a model becomes
+    active; later ones wait for `set_active_adapter`. Works on the meta device: A and B are
+    created where the base weights live.
+
+    Unlike PEFT, which raises only when no target matches at all, every entry of a list must
+    match a layer: a typo is an error, not a silently missing adapter.
     """
     if quant_type is not None:
         check_quant_type(quant_type)
@@ -226,6 +231,9 @@ def add_lora(
         if not isinstance(module, LoRALayer)
     }
     wrappers = {name: wrapper_for(base)(base) for name, base in bases.items()}
+    for name, module, *_ in plans:  # a 4-bit base is new: the wrapper takes the original's mode
+        if name in wrappers:
+            wrappers[name].train(module.training)
     active = active_adapter(model)
     for name, module, r_here, alpha_here in plans:
         if name in wrappers:
@@ -261,6 +269,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
     model is already merged and ValueError, before changing any weight, if some merged weight
     would be NaN or inf. On a 4-bit base the merged weight is re-quantized, which changes the
     outputs by quantization rounding: a warning says so; `merged_copy` keeps full precision.
+
+    Differs from PEFT on purpose: PEFT warns "All adapters are already merged, nothing to do"
+    and goes on; lowrank raises, because a second merge means the caller's idea of the model's
+    state is wrong, and the next unmerge would then subtract an update that is not there.
     """
     layers = _layers_or_raise(model)
     if any(layer.merged for _, layer in layers):
@@ -286,7 +298,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
     """Take the merged adapter out again: W <- W - scale * B @ A (exact up to rounding of the
-    base dtype; a 4-bit base is re-quantized once more). Raises RuntimeError if not merged."""
+    base dtype; a 4-bit base is re-quantized once more). Raises RuntimeError if not merged
+    (PEFT warns "Already unmerged. Nothing to do."; lowrank raises, as for merging twice)."""
     layers = [layer for _, layer in _layers_or_raise(model) if layer.merged]
     if not layers:
         raise RuntimeError("the model is not merged; nothing to unmerge")

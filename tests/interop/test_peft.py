@@ -152,3 +152,29 @@ def test_peft_adapter_loads_in_lowrank(kind, tmp_path):
     merge_lora(ours)
     torch.testing.assert_close(output(ours), output(merged_theirs), rtol=1e-5, atol=1e-5)
     assert len(list(lora_layers(ours))) > 0
+
+
+def test_a_peft_adapter_whose_rank_exceeds_a_layer_loads_with_identical_outputs(tmp_path):
+    """PEFT's default r=8 on BERT's 16-wide layers and on a 2-class head: r > min(in, out)."""
+    torch.manual_seed(3)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    base.eval()
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, target_modules=["0", "2"]))
+    randomize([p for n, p in theirs.named_parameters() if "lora_" in n], seed=4)
+    theirs.eval().save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="exceeds min"):
+        ours = load_adapter(copy.deepcopy(base), tmp_path).eval()
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-6, atol=1e-6)
+
+
+def test_a_peft_adapter_with_dropout_loads_into_an_eval_model_with_identical_outputs(tmp_path):
+    """New wrappers take the mode of what they wrap: no dropout in a model in eval mode."""
+    base = base_model("bert")  # eval mode
+    config = LoraConfig(r=3, lora_alpha=5, lora_dropout=0.5, target_modules=["query", "value"])
+    theirs = get_peft_model(copy.deepcopy(base), config)
+    randomize([p for n, p in theirs.named_parameters() if "lora_" in n], seed=6)
+    theirs.eval().save_pretrained(tmp_path)
+    ours = load_adapter(copy.deepcopy(base), tmp_path)  # no .eval() afterwards
+    assert not any(layer.training for _, layer in lora_layers(ours))
+    torch.testing.assert_close(output(ours), output(theirs), rtol=1e-6, atol=1e-6)

@@ -7,6 +7,7 @@ the cross-entropy formula, brute-force loops.
 import numpy as np
 import pytest
 
+from lowrank._validate import RankWarning
 from lowrank.numpy import (
     MLP,
     AdamW,
@@ -173,8 +174,9 @@ def test_add_lora_rejects_bad_targets(targets, message) -> None:
 
 
 def test_add_lora_rejects_a_rank_too_large_for_a_layer() -> None:
-    with pytest.raises(ValueError, match=r"\[1, 4\]"):
-        add_lora(MLP(SIZES), r=5)  # the last layer is 4 x 7
+    with pytest.warns(RankWarning, match="r=5 exceeds"):
+        model = add_lora(MLP(SIZES), r=5)  # the last layer is 4 x 7: allowed, as in PEFT
+    assert model.layers[4].A.shape == (5, 7)
 
 
 def test_merge_lora_and_unmerge_lora_keep_the_output() -> None:
@@ -206,7 +208,7 @@ def test_lora_layers_are_named_like_torch_modules() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "error"),
-    [({"alpha": 0}, ValueError), ({"r": 5}, ValueError), ({"dropout": 1.0}, ValueError),
+    [({"alpha": 0}, ValueError), ({"r": 0}, ValueError), ({"dropout": 1.0}, ValueError),
      ({"quant_type": "nf8"}, ValueError), ({"init": "zeros"}, ValueError)],
 )  # fmt: skip
 def test_add_lora_changes_nothing_when_an_argument_is_bad(kwargs, error) -> None:

@@ -6,6 +6,7 @@ torch.linalg.svd of the dense sum (Eckart-Young).
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 from toy_models import IDS, assert_same_state, make_model, randomize, state, two_adapters
 
 from lowrank.torch import (
+    LoRALayer,
     add_lora,
     combine_adapters,
     delete_adapter,
@@ -137,3 +139,76 @@ def test_combine_errors_leave_the_model_unchanged():
     with pytest.raises(ValueError, match="square roots"):
         combine_adapters(model, ["default"], [-1.0], "x", combination="linear")
     assert_same_state(before, state(model))
+
+
+def test_disable_adapters_freezes_every_adapter_inside_and_restores_after():
+    model = two_adapters()
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert any(trainable.values())
+    with disable_adapters(model):
+        assert not any(p.requires_grad for p in model.parameters())  # PEFT does the same
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == trainable
+    with pytest.raises(KeyError), disable_adapters(model):
+        raise KeyError("boom")
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == trainable
+
+
+def test_combine_cat_may_exceed_min_in_out_and_stays_exact():
+    """Layer "4" is 6 -> 4: ranks 3 + 3 = 6 > min(in, out) = 4, still the exact sum."""
+    model = add_lora(make_model(), ["4"], r=3, alpha=3)
+    add_lora(model, ["4"], r=3, alpha=5, adapter_name="b")
+    randomize(model, "default", 1)
+    randomize(model, "b", 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "cat" is exact on purpose: no rank warning
+        combine_adapters(model, ["default", "b"], [0.5, 2.0], "cat", combination="cat")
+    layer = model[4]
+    assert layer.A["cat"].shape == (6, 6)
+    expected = 0.5 * (3 / 3) * layer.B["default"] @ layer.A["default"]
+    expected = expected + 2.0 * (5 / 3) * layer.B["b"] @ layer.A["b"]
+    torch.testing.assert_close(layer.delta_weight("cat"), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_combination_that_fails_half_way_is_taken_back(monkeypatch):
+    model = two_adapters()
+    before = state(model)
+    assert len(list(lora_layers(model))) == 4
+    original = LoRALayer.add_adapter
+    calls = []
+
+    def fail_on_the_third_layer(self, name, **kwargs):
+        calls.append(name)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return original(self, name, **kwargs)
+
+    monkeypatch.setattr(LoRALayer, "add_adapter", fail_on_the_third_layer)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        combine_adapters(model, ["default", "b"], [1.0, 1.0], "mix", combination="cat")
+    monkeypatch.undo()
+    assert "mix" not in list_adapters(model)
+    assert_same_state(before, state(model))
+
+
+@pytest.mark.parametrize(
+    ("weights", "new_name", "message"),
+    [([math.inf, 1.0], "mix", "finite"), ([math.nan, 1.0], "mix", "finite"),
+     ([True, 1.0], "mix", "real numbers"), ([1.0, 1.0], "a.b", "adapter name")],
+)  # fmt: skip
+def test_combine_refuses_bad_weights_and_names_before_changing_anything(weights, new_name, message):
+    model = two_adapters()
+    before = state(model)
+    with pytest.raises(ValueError, match=message):
+        combine_adapters(model, ["default", "b"], weights, new_name, combination="cat")
+    assert_same_state(before, state(model))
+
+
+def test_adapters_added_to_a_model_in_eval_mode_are_in_eval_mode():
+    model = make_model().eval()
+    add_lora(model, ["1", "3"], r=2, dropout=0.5)
+    add_lora(model, ["1", "3"], r=2, dropout=0.5, adapter_name="second")
+    assert not any(module.training for module in model.modules())
+    randomize(model, "default", 3)
+    torch.testing.assert_close(model(IDS), model(IDS), rtol=0, atol=0)  # no dropout
+    trained = add_lora(make_model().train(), ["1"], r=2, dropout=0.5)
+    assert trained[1].training and trained[1].dropout["default"].training

@@ -11,6 +11,7 @@ import transformers
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from lowrank.torch import add_lora
 from lowrank.torch.hf import (
     DEFAULT_TARGETS,
     MeanPoolClassifier,
@@ -86,6 +87,16 @@ def test_all_linear_matches_peft(kind):
         if isinstance(module, peft.tuners.lora.LoraLayer)
     ]
     assert sorted(ours) == sorted(theirs)
+
+
+@pytest.mark.parametrize("quant_type", [None, "nf4"])
+def test_all_linear_on_an_adapted_model_names_the_wrappers(quant_type):
+    model = _tiny("llama")
+    first = all_linear_targets(model)
+    add_lora(model, first, r=2, quant_type=quant_type)
+    assert all_linear_targets(model) == first  # the same layers, by the same names
+    add_lora(model, all_linear_targets(model), r=2, adapter_name="second")
+    assert all(set(model.get_submodule(n).A) == {"default", "second"} for n in first)
 
 
 def test_prepare_for_kbit_training():

@@ -13,6 +13,7 @@ from torch import nn
 from toy_models import ALL, make_block, randomize_adapters
 from transformers.pytorch_utils import Conv1D
 
+from lowrank._validate import RankWarning
 from lowrank.torch import (
     Linear4bit,
     add_lora,
@@ -87,8 +88,8 @@ def test_bad_arguments_raise_clear_errors():
         add_lora(make_block(), [])
     with pytest.raises(ValueError, match="rank r"):
         add_lora(make_block(), ["q_proj"], r=0)
-    with pytest.raises(ValueError, match="rank r"):
-        add_lora(make_block(), ["q_proj"], r=9)  # more than min(in, out) = 8
+    with pytest.warns(RankWarning, match=r"r=9 exceeds min\(in_features, out_features\) = 8"):
+        add_lora(make_block(), ["q_proj"], r=9)  # allowed, as in PEFT, but buys nothing
     with pytest.raises(ValueError, match="alpha"):
         add_lora(make_block(), ["q_proj"], alpha=-1)
     with pytest.raises(ValueError, match="dropout"):
