@@ -90,8 +90,9 @@ def test_bad_arguments_raise_clear_errors():
         add_lora(make_block(), ["q_proj"], r=0)
     with pytest.warns(RankWarning, match=r"r=9 exceeds min\(in_features, out_features\) = 8"):
         add_lora(make_block(), ["q_proj"], r=9)  # allowed, as in PEFT, but buys nothing
-    with pytest.raises(ValueError, match="alpha"):
-        add_lora(make_block(), ["q_proj"], alpha=-1)
+    for alpha in (-1, 0, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="alpha"):
+            add_lora(make_block(), ["q_proj"], alpha=alpha)
     with pytest.raises(ValueError, match="dropout"):
         add_lora(make_block(), ["q_proj"], dropout=1.0)
     with pytest.raises(ValueError, match="quant_type"):
