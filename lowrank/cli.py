@@ -2,10 +2,122 @@
 
 # argparse only: each command's job lives in lowrank.commands and is imported when the command
 # runs, so `lowrank numpy-demo` never imports torch.
+#
+# Errors: every user error is one line on stderr, `lowrank: error: ...`, and exit status 2.
+# Arguments are checked here as they are parsed (the type functions below, with the words of
+# `lowrank._validate`); what only the job can find out (a bad data file, a model folder that
+# is not one) arrives as the library's expected errors, which `main` prints as one line. Any
+# other exception is a bug and keeps its traceback.
 
 import argparse
 import importlib
+import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
+
+from lowrank import __version__
+from lowrank._validate import FLOAT_DTYPES, METHODS, check_int, check_positive_number
+
+PROG = "lowrank"
+
+# What a job raises for a bad input: ValueError (also `_validate.ArgumentTypeError`,
+# json.JSONDecodeError, UnicodeDecodeError), OSError (FileNotFoundError, PermissionError,
+# IsADirectoryError, NotADirectoryError, a model that will not load) and ImportError (an
+# optional package that is not installed). Not Exception: a bug must show its traceback.
+USER_ERRORS = (ValueError, OSError, ImportError)
+
+
+def error_line(message: str) -> str:
+    """The CLI's one error format: `lowrank: error: <message>` on one line."""
+    return f"{PROG}: error: {' '.join(str(message).split())}"
+
+
+def describe(error: BaseException) -> str:
+    """A user error in words: the message, or for an operating-system error its file and reason."""
+    if isinstance(error, ModuleNotFoundError) and error.name:
+        return f"this command needs the {error.name!r} package: pip install 'lowrank[hf]'"
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        names = [error.filename] + ([error.filename2] if error.filename2 is not None else [])
+        return f"{' -> '.join(map(str, names))}: {error.strerror}"
+    return str(error) or type(error).__name__
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format (one line, no usage block) and defaults in --help."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{error_line(message)} (see '{self.prog} --help')\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: ...)" after every option's help, except where the help text already
+    says what the default means (a default of None: "decided by ..." reads better)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+# ----------------------------------------------------------------------------- argument types
+
+
+def _int_type(low: int, wanted: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            return check_int("value", int(text), low=low)
+        except ValueError:  # not an integer, or out of range (ArgumentTypeError is one too)
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+
+    parse.__name__ = wanted
+    return parse
+
+
+positive_int = _int_type(1, "a positive integer")
+non_negative_int = _int_type(0, "a non-negative integer")
+
+
+def positive_number(text: str) -> float:
+    """A finite number > 0: inf and nan are refused (alpha=inf trains to a loss of nan)."""
+    try:
+        return check_positive_number("value", float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}") from None
+
+
+def layer_names(text: str) -> list[str]:
+    """Comma-separated layer names ("q_proj,v_proj"), or "all-linear"; no empty names."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer names or all-linear, got {text!r}"
+        )
+    return names
+
+
+def output_folder(text: str) -> str:
+    """A folder that exists or can be made, and can be written to (checked before any work)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder, got an empty path")
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+    existing = path
+    while not existing.exists():  # the nearest ancestor that exists (".", "/" always do)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot make {text}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write to {existing}: permission denied")
+    return text
+
+
+# ----------------------------------------------------------------------------- the parser
 
 
 def _job(module: str) -> Callable[[argparse.Namespace], int]:
@@ -18,14 +130,17 @@ def _job(module: str) -> Callable[[argparse.Namespace], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowrank", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog=PROG, description=__doc__)
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    methods_help = "full: every weight; lora: adapters; qlora: adapters on a 4-bit (NF4) base"
+    targets = "comma-separated Hugging Face layer names, or all-linear (default: "
 
     numpy_demo = commands.add_parser(
         "numpy-demo",
         help="NumPy only: adapt a tiny pre-trained MLP to a shifted task, full fine-tuning vs LoRA",
     )
-    numpy_demo.add_argument("--seed", type=int, default=0)
+    numpy_demo.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
     numpy_demo.set_defaults(run=_job("numpy_demo"))
 
     demo = commands.add_parser(
@@ -33,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune all-MiniLM-L6-v2 on VADER words: head only, full, LoRA, QLoRA; verify",
     )
     demo.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (for tests)")
-    demo.add_argument("--out", default="lowrank-report", help="report folder")
+    demo.add_argument("--out", type=output_folder, default="lowrank-report", help="report folder")
     demo.set_defaults(run=_job("demo"))
 
     finetune = commands.add_parser(
@@ -43,31 +158,64 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument(
         "data", help='JSONL: {"text"}, {"prompt", "completion"} or {"text", "label"} per line'
     )
-    finetune.add_argument("--method", choices=["full", "lora", "qlora"], default="lora")
-    finetune.add_argument("--r", type=int, default=8)
-    finetune.add_argument("--alpha", type=float, default=16)
-    finetune.add_argument("--targets", help="comma-separated layer names, or all-linear")
-    finetune.add_argument("--epochs", type=int, default=1)
-    finetune.add_argument("--batch-size", type=int, default=8)
-    finetune.add_argument("--lr", type=float, help="default 2e-5 (full) or 2e-4 (adapters)")
-    finetune.add_argument("--out", default="runs/finetune", help="output folder")
+    finetune.add_argument("--method", choices=METHODS, default="lora", help=methods_help)
+    finetune.add_argument("--r", type=positive_int, default=8, help="LoRA rank")
+    finetune.add_argument(
+        "--alpha", type=positive_number, default=16.0, help="LoRA alpha (scale = alpha / r)"
+    )
+    finetune.add_argument(
+        "--targets",
+        type=layer_names,
+        help=targets + "the query and value projections for lora, all-linear for qlora)",
+    )
+    finetune.add_argument("--epochs", type=positive_int, default=1, help="passes over the data")
+    finetune.add_argument("--batch-size", type=positive_int, default=8, help="examples per step")
+    finetune.add_argument(
+        "--lr",
+        type=positive_number,
+        help="peak learning rate (default: 2e-5 for full, 2e-4 for lora and qlora)",
+    )
+    finetune.add_argument(
+        "--out", type=output_folder, default="runs/finetune", help="output folder"
+    )
     finetune.set_defaults(run=_job("finetune"))
 
     estimate = commands.add_parser(
         "estimate", help="training memory from a Hugging Face config.json alone (no weights)"
     )
     estimate.add_argument("config", help="config.json or a model folder")
-    estimate.add_argument("--method", choices=["full", "lora", "qlora"], default="qlora")
-    estimate.add_argument("--batch-size", type=int, default=1)
-    estimate.add_argument("--seq-len", type=int, default=512)
-    estimate.add_argument("--r", type=int, default=8)
-    estimate.add_argument("--targets", help="comma-separated layer names, or all-linear")
-    estimate.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    estimate.add_argument("--gradient-checkpointing", action="store_true")
+    estimate.add_argument("--method", choices=METHODS, default="qlora", help=methods_help)
+    estimate.add_argument("--batch-size", type=positive_int, default=1, help="sequences per step")
+    estimate.add_argument("--seq-len", type=positive_int, default=512, help="tokens per sequence")
+    estimate.add_argument("--r", type=positive_int, default=8, help="LoRA rank")
+    estimate.add_argument(
+        "--targets", type=layer_names, help=targets + "the query and value projections)"
+    )
+    estimate.add_argument(
+        "--dtype",
+        choices=FLOAT_DTYPES,
+        default="bf16",
+        help="storage of the activations and of the weights that are not 4-bit",
+    )
+    estimate.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="keep one activation per layer, recompute the rest in the backward pass",
+    )
     estimate.set_defaults(run=_job("estimate"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    """Run one command; a user error prints one line `lowrank: error: ...` and returns 2."""
+    args = build_parser().parse_args(argv)  # argparse's errors: Parser.error, exit status 2
+    try:
+        return args.run(args)
+    except USER_ERRORS as error:
+        if isinstance(error, ImportError) and (error.name or "").startswith("lowrank"):
+            raise  # lowrank failing to import itself is a bug, not a missing package
+        print(error_line(describe(error)), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130

@@ -20,7 +20,10 @@ Two things live here:
        {"text": "...", "label": "spam"}             classification (labels: all str or all int)
 
    The first non-blank line fixes the format; every error names the file, the line and the
-   problem, so a bad row in a 10,000-line file is found at once.
+   problem, so a bad row in a 10,000-line file is found at once. Bytes that are not UTF-8 text
+   (a NUL, an invalid sequence) and JSON nested deeper than `MAX_JSON_DEPTH` are refused by
+   line too (Python's json would recurse until RecursionError); `loads_json` is that guarded
+   parser, which `lowrank estimate` uses for config.json as well.
 """
 
 import json
@@ -159,11 +162,19 @@ class JsonlDataset:
     format: "text", "prompt_completion" or "classification".
     rows: the JSON objects, in file order (blank lines skipped).
     label_names: for classification, the distinct labels sorted; class i is label_names[i].
+    path, line_numbers: where the rows came from (`where(i)` says "file:line" of row i).
     """
 
     format: str
     rows: list[dict]
     label_names: tuple = ()
+    path: str = ""
+    line_numbers: tuple[int, ...] = ()
+
+    def where(self, i: int) -> str:
+        """ "file:line" of row i, for error messages about it."""
+        line = self.line_numbers[i] if i < len(self.line_numbers) else f"row {i + 1}"
+        return f"{self.path}:{line}"
 
     def label_ids(self) -> list[int]:
         """Each row's class index (classification only)."""
@@ -172,24 +183,30 @@ class JsonlDataset:
 
 
 def read_jsonl(path: str | os.PathLike) -> JsonlDataset:
-    """Read and check a JSONL training file; errors say `file:line: problem`."""
+    """Read and check a JSONL training file; errors say `file:line: problem`.
+
+    Missing file: FileNotFoundError; a folder: IsADirectoryError; anything wrong inside the file
+    (not UTF-8, NUL bytes, invalid or too deeply nested JSON, a line that is not an object of
+    one of the three formats, mixed label types, no data): ValueError.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; expected a JSONL file")
     if not path.is_file():
         raise FileNotFoundError(f"no data file at {path}")
     rows: list[dict] = []
+    line_numbers: list[int] = []
     data_format = None
     label_type = None
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes: a bad byte is reported with its line
+        for line_number, raw in enumerate(f, start=1):
+            where = f"{path}:{line_number}"
+            line = _decode_line(raw, where, first=line_number == 1)
             if not line.strip():
                 continue
-            where = f"{path}:{line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+            row = loads_json(line.rstrip("\r\n"), where)  # columns count in the line
             if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                raise ValueError(f"{where}: expected a JSON object, got {json_kind(row)}")
             row_format = _FORMATS.get(frozenset(row))
             if row_format is None:
                 raise ValueError(
@@ -204,8 +221,8 @@ def read_jsonl(path: str | os.PathLike) -> JsonlDataset:
                     "one file holds one format"
                 )
             for key in ("text", "prompt", "completion"):
-                if key in row and not isinstance(row[key], str):
-                    raise ValueError(f"{where}: {key!r} must be a string, got {row[key]!r}")
+                if key in row:
+                    _check_string(row[key], key, where)
             if "text" in row and not row["text"].strip():
                 raise ValueError(f"{where}: 'text' is empty")
             if "completion" in row and not row["completion"].strip():
@@ -216,14 +233,18 @@ def read_jsonl(path: str | os.PathLike) -> JsonlDataset:
                     raise ValueError(
                         f"{where}: 'label' must be a string or an integer, got {label!r}"
                     )
+                if isinstance(label, str):
+                    _check_string(label, "label", where)
                 if label_type is None:
                     label_type = type(label)
                 elif type(label) is not label_type:
+                    kinds = {str: ("a string", "strings"), int: ("an integer", "integers")}
                     raise ValueError(
-                        f"{where}: label {label!r} is a {type(label).__name__} but earlier labels "
-                        f"are {label_type.__name__}s"
+                        f"{where}: label {label!r} is {kinds[type(label)][0]} but earlier labels "
+                        f"are {kinds[label_type][1]}; use one type for all labels"
                     )
             rows.append(row)
+            line_numbers.append(line_number)
     if not rows:
         raise ValueError(f"{path}: the file has no data lines")
     label_names = ()
@@ -233,4 +254,74 @@ def read_jsonl(path: str | os.PathLike) -> JsonlDataset:
             raise ValueError(
                 f"{path}: classification needs at least 2 distinct labels, found {label_names}"
             )
-    return JsonlDataset(format=data_format, rows=rows, label_names=label_names)
+    return JsonlDataset(
+        format=data_format,
+        rows=rows,
+        label_names=label_names,
+        path=str(path),
+        line_numbers=tuple(line_numbers),
+    )
+
+
+MAX_JSON_DEPTH = 100  # arrays and objects nested deeper than this are refused before parsing
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')  # a string literal, escapes included
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def loads_json(text: str, where: str, *, max_depth: int = MAX_JSON_DEPTH) -> object:
+    """`json.loads(text)`, with errors (ValueError) that start with `where` ("file:line").
+
+    Nesting deeper than `max_depth` arrays/objects is refused before the parser sees it:
+    Python's json recurses once per level and dies with RecursionError at about 1,000.
+    """
+    if text.count("[") + text.count("{") > max_depth:  # only then can it be too deep
+        depth = 0
+        for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub('""', text)):
+            depth += 1 if bracket in "[{" else -1
+            if depth > max_depth:
+                raise ValueError(f"{where}: JSON nested more than {max_depth} levels deep; refused")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        place = f"column {error.colno}"
+        if "\n" in text.rstrip("\n"):  # several lines (a config.json, not a JSONL line)
+            place = f"line {error.lineno} {place}"
+        raise ValueError(f"{where}: not valid JSON ({error.msg} at {place})") from None
+    except RecursionError:  # unreachable below max_depth; kept as a guard
+        raise ValueError(f"{where}: JSON nested too deeply to parse") from None
+
+
+def _decode_line(raw: bytes, where: str, *, first: bool) -> str:
+    """One line of a JSONL file as text: UTF-8 (a byte-order mark on line 1 is allowed)."""
+    if b"\x00" in raw:
+        raise ValueError(
+            f"{where}: contains a NUL byte; JSONL must be UTF-8 text (a binary or UTF-16 file?)"
+        )
+    try:
+        return raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{where}: not valid UTF-8 (byte 0x{raw[error.start]:02x} at position "
+            f"{error.start + 1}); JSONL must be UTF-8 text"
+        ) from None
+
+
+def _check_string(value: object, key: str, where: str) -> None:
+    """A JSON string field: a str that is valid Unicode (no unpaired surrogate escapes)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {key!r} must be a string, got {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"{where}: {key!r} holds an unpaired surrogate escape (such as \\ud800)"
+        ) from None
+
+
+def json_kind(value: object) -> str:
+    """What a parsed JSON value is, in JSON's words ("an array", "a string", ...)."""
+    if isinstance(value, bool):
+        return "a boolean"
+    kinds = {dict: "an object", list: "an array", str: "a string", int: "a number"}
+    return kinds.get(type(value), "a number" if isinstance(value, float) else "null")

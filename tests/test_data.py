@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lowrank.data import read_jsonl, vader_word_sentiment
+from lowrank.data import MAX_JSON_DEPTH, loads_json, read_jsonl, vader_word_sentiment
 
 
 def test_vader_labels_agree_with_vaders_own_lexicon():
@@ -66,7 +66,10 @@ def test_jsonl_formats(tmp_path):
         ),
         (['{"text": "ok"}', '{"text": 3}'], r":2: 'text' must be a string"),
         (['{"text": "ok"}', '{"text": "  "}'], r":2: 'text' is empty"),
-        (['{"text": "a", "label": 1}', '{"text": "b", "label": "x"}'], r":2: label 'x' is a str"),
+        (
+            ['{"text": "a", "label": 1}', '{"text": "b", "label": "x"}'],
+            r":2: label 'x' is a string but earlier labels are integers",
+        ),
         (['{"text": "a", "label": 1}', '{"text": "b", "label": true}'], r":2: 'label' must be"),
         (['{"text": "a", "label": 1}', '{"text": "b", "label": 1}'], r"at least 2 distinct labels"),
         (["", "  "], r"no data lines"),
@@ -80,3 +83,58 @@ def test_jsonl_errors_name_line_and_problem(tmp_path, lines, message):
 def test_jsonl_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no data file"):
         read_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_jsonl_folder(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        read_jsonl(tmp_path)
+
+
+def test_jsonl_rows_know_their_lines(tmp_path):
+    data = read_jsonl(_write(tmp_path, ["", '{"text": "a"}', "  ", '{"text": "b"}']))
+    assert data.line_numbers == (2, 4)
+    assert data.where(1) == f"{tmp_path / 'data.jsonl'}:4"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            b'{"text": "ok"}\n{"text": "caf\xe9"}\n',
+            r":2: not valid UTF-8 \(byte 0xe9 at position 14\)",
+        ),
+        (b'{"text": "ok"}\n{"text": "a\x00b"}\n', r":2: contains a NUL byte"),
+        ('{"text": "ok"}\n'.encode("utf-16"), r":1: contains a NUL byte.*UTF-16"),
+        (b"\x89PNG\r\n\x1a\n", r":1: not valid UTF-8"),
+        (b'{"text": "a \\udc00"}\n', r":1: 'text' holds an unpaired surrogate"),
+        (b'{"text": "a", "label": "\\ud800"}\n', r":1: 'label' holds an unpaired surrogate"),
+        (b'{"text": "broken"\n', r":1: not valid JSON \(Expecting ',' delimiter at column 18\)"),
+        (b"[" * 100_000 + b"]" * 100_000 + b"\n", r":1: JSON nested more than 100 levels"),
+    ],
+    ids=["latin-1", "nul", "utf-16", "png", "surrogate", "surrogate-label", "column", "deep"],
+)
+def test_jsonl_bytes_that_are_not_utf8_json(tmp_path, content, message):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        read_jsonl(path)
+
+
+def test_jsonl_byte_order_mark_is_allowed(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes('{"text": "a"}\n{"text": "b"}\n'.encode("utf-8-sig"))
+    assert read_jsonl(path).rows == [{"text": "a"}, {"text": "b"}]
+
+
+def test_json_depth_limit():
+    # Oracle: nesting built by hand; json itself parses both sides of the limit.
+    at_limit = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
+    assert loads_json(at_limit, "x") == json.loads(at_limit)
+    with pytest.raises(ValueError, match=r"^x: JSON nested more than 100 levels deep"):
+        loads_json("[" + at_limit + "]", "x")
+    # brackets inside strings (escaped quotes too) are text, not nesting
+    text = json.dumps({"text": '\\"[' * 500 + "{" * 500})
+    assert loads_json(text, "x") == json.loads(text)
+    # many arrays side by side are not deep
+    wide = "[" + ",".join(["[]"] * 1000) + "]"
+    assert loads_json(wide, "x") == json.loads(wide)

@@ -11,11 +11,14 @@ adapter (PEFT layout) from `lowrank.torch.train`.
 """
 
 import argparse
+import math
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from lowrank._validate import METHODS, check_choice, check_int, check_positive_number
 from lowrank.data import read_jsonl
 from lowrank.torch import (
     TrainConfig,
@@ -54,6 +57,25 @@ def _tokenize_for_training(dataset, tokenizer, max_length: int) -> list[dict]:
     return examples
 
 
+def _check_examples(examples: list[dict], dataset, model: nn.Module, max_length: int) -> None:
+    """Refuse rows that would train on nothing (a loss of nan) or index past the embeddings."""
+    rows = model.get_input_embeddings().num_embeddings
+    for i, example in enumerate(examples):
+        ids = example["input_ids"]
+        if ids and max(ids) >= rows:
+            raise ValueError(
+                f"{dataset.where(i)}: the tokenizer gives token id {max(ids)} but the model has "
+                f"{rows} token embeddings: the tokenizer does not belong to this model"
+            )
+        labels = example["labels"]
+        if isinstance(labels, list) and all(label == -100 for label in labels[1:]):
+            raise ValueError(
+                f"{dataset.where(i)}: no token to learn from (the row tokenizes to "
+                f"{len(ids)} tokens{'' if len(ids) < max_length else ', cut at max_length'}; "
+                "a prediction needs a token before it)"
+            )
+
+
 def _pad_collate(pad_id: int):
     def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(e["input_ids"]) for e in examples)
@@ -72,6 +94,34 @@ def _pad_collate(pad_id: int):
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     return collate
+
+
+def _check_model_path(name_or_path: str | os.PathLike) -> None:
+    """A local path must be a model folder; a hub name ("org/model") is left to the loader."""
+    path = Path(name_or_path)
+    text = str(name_or_path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{text} is a folder without a config.json: not a model folder")
+    elif path.exists():
+        raise ValueError(f"{text} is a file; expected a model folder or a Hugging Face model name")
+    elif path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or not text:
+        raise FileNotFoundError(f"no model folder at {text!r}")
+
+
+def _load(name_or_path: str | os.PathLike, what: str, loader, **options):
+    """`loader(name_or_path, **options)`; a folder it cannot load raises one ValueError that
+    names it (`load_model` words its own; the tokenizer's and deep JSON's are worded here)."""
+    try:
+        return loader(name_or_path, **options)
+    except RecursionError:  # transformers' json on a file nested thousands of levels deep
+        raise ValueError(
+            f"cannot load a {what} from {str(name_or_path)!r}: its JSON nests too deeply"
+        ) from None
+    except (OSError, ValueError) as error:
+        if what == "model" and isinstance(error, ValueError):
+            raise  # load_model's own message names the folder
+        raise ValueError(f"cannot load a {what} from {str(name_or_path)!r}: {error}") from None
 
 
 def finetune(
@@ -99,16 +149,34 @@ def finetune(
     lr: None for 2e-5 (full) or 2e-4 (adapters). Writes log.jsonl, the adapter (PEFT layout)
     and other trained tensors to `out_dir`. Returns the `TrainResult`.
     """
-    if method not in ("full", "lora", "qlora"):
-        raise ValueError(f"method must be 'full', 'lora' or 'qlora', got {method!r}")
+    check_choice("method", method, METHODS)
+    for name, value in (("r", r), ("epochs", epochs), ("batch_size", batch_size)):
+        check_int(name, value)
+    check_int("max_length", max_length)
+    check_positive_number("alpha", alpha)  # inf or nan would train to a loss of nan
+    if lr is not None:
+        check_positive_number("lr", lr)
+    _check_model_path(model_name_or_path)
     dataset = read_jsonl(data_path)  # errors name the line before any model is loaded
     classification = dataset.format == "classification"
-    model = load_model(
+    model = _load(
         model_name_or_path,
+        "model",
+        load_model,
         task="classification" if classification else "causal_lm",
         num_labels=len(dataset.label_names) if classification else None,
     )
-    tokenizer = load_tokenizer(model_name_or_path)
+    tokenizer = _load(model_name_or_path, "tokenizer", load_tokenizer)
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):  # transformers makes one anyway
+        raise ValueError(
+            f"the tokenizer of {str(model_name_or_path)!r} has no vocabulary, only special "
+            "tokens: is the folder missing its tokenizer files (tokenizer.json, vocab...)?"
+        )
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            f"the tokenizer of {str(model_name_or_path)!r} has neither a padding nor an "
+            "end-of-text token to pad batches with"
+        )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if method == "full":
@@ -125,6 +193,7 @@ def finetune(
             if name.rsplit(".", 1)[-1] in HEAD_NAMES and classification:
                 module.requires_grad_(True)
     examples = _tokenize_for_training(dataset, tokenizer, max_length)
+    _check_examples(examples, dataset, model, max_length)
     config = TrainConfig(
         epochs=epochs,
         batch_size=batch_size,
@@ -143,23 +212,24 @@ def finetune(
 
 def main(args: argparse.Namespace) -> int:
     """`lowrank finetune MODEL DATA [--method ...]`: train, print the steps and the final loss.
-    A bad data file or argument prints what was wrong and returns 2."""
-    targets = args.targets.split(",") if args.targets else None
-    try:
-        result = finetune(
-            args.model,
-            args.data,
-            method=args.method,
-            r=args.r,
-            alpha=args.alpha,
-            targets=targets,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            out_dir=args.out,
+    Bad arguments, data or model folders raise the errors `lowrank.cli.main` prints."""
+    result = finetune(
+        args.model,
+        args.data,
+        method=args.method,
+        r=args.r,
+        alpha=args.alpha,
+        targets=args.targets,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        out_dir=args.out,
+    )
+    bad = next((step for step, loss in enumerate(result.losses, 1) if not math.isfinite(loss)), 0)
+    if bad:
+        raise ValueError(
+            f"training diverged: the loss was {result.losses[bad - 1]} at step {bad} "
+            f"(try a lower --lr); the run's files are in {result.out_dir}"
         )
-    except (ValueError, FileNotFoundError) as error:  # bad data or arguments: say which
-        print(f"lowrank finetune: error: {error}")
-        return 2
     print(f"{result.steps} steps, final loss {result.losses[-1]:.4f}; written to {result.out_dir}")
     return 0

@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from lowrank._validate import check_int
 from lowrank.numpy import MLP, AdamW, accuracy, add_lora, energy_rank, train
 
 N_FEATURES = 16
@@ -53,6 +54,7 @@ def make_sectors(
 
 def run_demo(seed: int = 0) -> dict:
     """Pre-train, adapt with full fine-tuning and LoRA, return the results as a JSON-able dict."""
+    seed = check_int("seed", seed, low=0)  # NumPy's generators take non-negative seeds
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
     plane = np.linalg.qr(rng.normal(size=(N_FEATURES, 2)))[0].T  # (2, 16), orthonormal rows

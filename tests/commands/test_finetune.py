@@ -84,5 +84,6 @@ def test_finetune_bad_data_names_the_line(tiny_folders, tmp_path, capsys):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": "broken"\n')
     assert main(["finetune", str(tiny_folders["llama"]), str(data)]) == 2
-    out = capsys.readouterr().out
-    assert "bad.jsonl:3: not valid JSON" in out
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("lowrank: error: ")
+    assert "bad.jsonl:3: not valid JSON" in err[0]
