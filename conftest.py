@@ -1,10 +1,29 @@
-"""Repository-wide pytest setup: notebooks run in smoke mode, CUDA tests skip without a GPU."""
+"""Repository-wide pytest setup: notebooks run in smoke mode, CUDA tests skip without a GPU,
+hypothesis is deterministic in CI."""
 
 import os
 import sys
 from pathlib import Path
 
 import pytest
+
+try:
+    from hypothesis import settings
+except ImportError:  # hypothesis comes with the dev extra; tests that need it import it
+    settings = None
+
+if settings is not None:
+    # CI (CI=true): the same examples on every run, chosen from each test's name, and no
+    # example database, so a failure found on someone's machine (.hypothesis/, not committed)
+    # cannot replay in CI and a run is red or green by the code alone. print_blob shows how
+    # to reproduce a failure. Elsewhere ("dev"): random examples and the local database, so
+    # every run explores new inputs and replays the ones that failed before.
+    # HYPOTHESIS_PROFILE=ci|dev chooses one by name. A test's own @settings(max_examples=...,
+    # deadline=None) sets only those two; none may set derandomize or a database.
+    settings.register_profile("ci", derandomize=True, database=None, print_blob=True, deadline=None)
+    settings.register_profile("dev", print_blob=True, deadline=None)
+    in_ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if in_ci else "dev"))
 
 # Helpers the tests share (tests/toy_models.py) are imported by name.
 sys.path.insert(0, str(Path(__file__).parent / "tests"))

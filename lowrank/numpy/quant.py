@@ -17,19 +17,41 @@ How a weight becomes 4 bits:
 
 Decoding is a table lookup and one multiply: `w ~= code[c] * absmax[block]`.
 
-The file is longer than the codebase's ~300-line norm only because of its two data tables (the
-16 NF4 levels and the 127 positive levels of the dynamic map), written out one number a line.
+Two corners of the float32 range, neither met by ordinary weights (whose codes and scales stay
+bit-identical to bitsandbytes'):
+
+- a block whose absmax is below 1e-38 (subnormal values) has no float32 reciprocal, so it is
+  first multiplied by 2 ** 64 (exact: a power of two, and the results stay tiny), then scaled
+  like any block (bitsandbytes' 1e-38 guard would scale it by 1e38 and round it all to zero);
+- the scale rebuilt from double quantization, `dynamic_map()[c] * absmax2 + offset`, is the
+  nearest 8-bit level, which may lie above the true absmax; near the top of the range that
+  rounds to inf. Decoding clamps each scale to the largest finite value of float32 and of the
+  dtype the weight had (float16: 65504). The true absmax never exceeds that limit, so the
+  clamp only moves a scale closer to it, and the error bound still holds.
+
+`dequantize_4bit` trusts nothing: `check_quantized` refuses a `Quantized4bit` whose fields
+contradict each other (lengths, dtypes, shape, flags, non-finite scales) before decoding.
+
+The file is longer than the codebase's ~300-line norm because of its two data tables (the 16
+NF4 levels and the 127 positive levels of the dynamic map), written out one number a line, and
+`check_quantized`, which spells out each field's rule so that its errors can name it.
 """
 
+import math
+import numbers
 import statistics
 from dataclasses import dataclass
 
 import numpy as np
 
-from lowrank._validate import check_blocksize, check_quant_type
+from lowrank._validate import ArgumentTypeError, check_blocksize, check_bool, check_quant_type
 
 DOUBLE_QUANT_BLOCKSIZE = 256  # block of absmax values that share one float32 scale
 _TINY = np.float32(1e-38)  # stands in for an all-zero block's absmax when dividing (0 * 1e38 = 0)
+FLOAT32_MAX = np.float32(np.finfo(np.float32).max)  # no decoded scale goes beyond it
+# a block whose absmax is below _TINY is multiplied by this first: exact (a power of two), and
+# it brings every such absmax (>= 2 ** -149) to >= 2 ** -85, whose reciprocal float32 holds
+_LIFT = np.float32(2.0**64)
 
 # bitsandbytes' NF4 table, float32 (index = 4-bit code); `derive_nf4_code` rebuilds it.
 _NF4 = np.array(
@@ -311,16 +333,15 @@ class Quantized4bit:
 
     def absmax_float32(self) -> np.ndarray:
         """The block scales as float32 (n_blocks,), decoding double quantization if used:
-        `dynamic_map()[code] * absmax2[j // 256] + offset`."""
-        if not self.double_quant:
-            return self.absmax
-        scales = _block_scales(self.absmax2, DOUBLE_QUANT_BLOCKSIZE, self.absmax.size)
-        return dynamic_map()[self.absmax] * scales + self.offset
+        `dynamic_map()[code] * absmax2[j // 256] + offset`, clamped to +-float32 max."""
+        check_quantized(self)
+        return _absmax_float32(self)
 
     @property
     def nbytes(self) -> int:
         """Bytes that must be stored: codes, scales and, with double quantization, their scales
         and the offset (the code tables are constants)."""
+        check_quantized(self, values=False)  # sizes only: the values do not change the count
         total = self.packed.nbytes + self.absmax.nbytes
         if self.double_quant:
             total += self.absmax2.nbytes + 4  # float32 offset
@@ -336,6 +357,7 @@ def quantize_4bit(
     """
     check_quant_type(quant_type)
     check_blocksize(blocksize)
+    check_bool("double_quant", double_quant)
     w = np.asarray(w)
     if not np.issubdtype(w.dtype, np.floating):
         raise TypeError(f"w must be a floating-point array, got dtype {w.dtype}")
@@ -367,11 +389,132 @@ def quantize_4bit(
 
 
 def dequantize_4bit(q: Quantized4bit) -> np.ndarray:
-    """Rebuild the array from `q`: float32 of shape `q.shape`, `code[c] * absmax[block]`."""
-    n = int(np.prod(q.shape))
+    """Rebuild the array from `q`: float32 of shape `q.shape`, `code[c] * absmax[block]`.
+
+    `q` is checked first (`check_quantized`). Each scale is clamped to the largest finite value
+    of `q.dtype` (and of float32), so a quantization of finite input decodes to finite values
+    that also fit the dtype it came from.
+    """
+    check_quantized(q)
+    n = math.prod(q.shape)
     codes = unpack_4bit(q.packed, n)  # (n,)
-    values = code_for(q.quant_type)[codes] * _block_scales(q.absmax_float32(), q.blocksize, n)
+    scales = _absmax_float32(q)  # (n_blocks,), within +-float32 max
+    limit = scale_limit(q.dtype)
+    if limit < FLOAT32_MAX:  # float16: 65504
+        scales = np.clip(scales, -limit, limit)
+    values = code_for(q.quant_type)[codes] * _block_scales(scales, q.blocksize, n)
     return values.reshape(q.shape)
+
+
+def scale_limit(dtype: np.dtype) -> np.float32:
+    """The largest scale a decode into `dtype` may use: its largest finite value, or float32's
+    if that is smaller (decoding is float32 arithmetic). A level is at most 1 in magnitude, so
+    level * scale then fits the dtype too."""
+    return np.float32(min(float(np.finfo(dtype).max), float(FLOAT32_MAX)))
+
+
+def check_quantized(q: Quantized4bit, *, values: bool = True) -> None:
+    """Refuse a `Quantized4bit` whose fields do not describe one quantized array.
+
+    Checks, naming the field and what was expected: `quant_type`, `blocksize` and
+    `double_quant` are valid; `shape` is a tuple of non-negative ints holding at least one
+    element (n); `dtype` is a floating-point dtype; `packed` is a 1-D uint8 array of exactly
+    ceil(n / 2) bytes (a shape that needs fewer codes is refused too, never truncated);
+    `absmax` is 1-D with ceil(n / blocksize) entries, float32, or uint8 codes with double
+    quantization, which also needs a float32 scalar `offset` and a 1-D float32 `absmax2` of
+    ceil(n_blocks / 256) entries (both None without it). With `values`, the float32 scales and
+    the offset must be finite: O(n_blocks) work; `packed` is never read (every byte is a
+    valid pair of codes). Wrong types raise `ArgumentTypeError` (a TypeError and a
+    ValueError), inconsistent values `ValueError`.
+    """
+    if not isinstance(q, Quantized4bit):
+        raise ArgumentTypeError(f"expected a Quantized4bit, got {type(q).__name__}")
+    check_quant_type(q.quant_type)
+    check_blocksize(q.blocksize)
+    check_bool("Quantized4bit.double_quant", q.double_quant)
+    n = _check_shape(q.shape)
+    dtype = q.dtype
+    if not (
+        (isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic)))
+        and np.issubdtype(dtype, np.floating)
+    ):
+        raise ArgumentTypeError(
+            f"Quantized4bit.dtype must be the floating-point dtype of the quantized array, "
+            f"got {dtype!r}"
+        )
+    n_blocks = -(-n // q.blocksize)
+    where = f"for shape {q.shape} (n = {n})"
+    _check_array("packed", q.packed, np.uint8, -(-n // 2), f"ceil(n / 2) bytes {where}")
+    blocks = f"ceil(n / blocksize) = ceil({n} / {q.blocksize}) entries {where}"
+    if not q.double_quant:
+        _check_array("absmax", q.absmax, np.float32, n_blocks, f"{blocks}, as double_quant=False")
+        for name in ("offset", "absmax2"):
+            if getattr(q, name) is not None:
+                raise ValueError(f"Quantized4bit.{name} must be None without double quantization")
+        if values and not np.all(np.isfinite(q.absmax)):
+            raise ValueError("Quantized4bit.absmax must be finite (it holds NaN or inf)")
+        return
+    _check_array("absmax", q.absmax, np.uint8, n_blocks, f"{blocks}, codes as double_quant=True")
+    n_blocks2 = -(-n_blocks // DOUBLE_QUANT_BLOCKSIZE)
+    _check_array(
+        "absmax2", q.absmax2, np.float32, n_blocks2, f"ceil(n_blocks / 256) = {n_blocks2} entries"
+    )
+    offset = q.offset
+    if offset is None:
+        raise ValueError("Quantized4bit.offset is missing: double quantization needs it")
+    if not isinstance(offset, (np.ndarray, np.generic)) or offset.dtype != np.float32:
+        raise ArgumentTypeError(
+            f"Quantized4bit.offset must be a float32 scalar, got {offset!r} "
+            f"({type(offset).__name__})"
+        )
+    if offset.shape != ():
+        raise ValueError(f"Quantized4bit.offset must be a scalar, got shape {offset.shape}")
+    for name, scales in (("absmax2", q.absmax2), ("offset", offset)):
+        if values and not np.all(np.isfinite(scales)):
+            raise ValueError(f"Quantized4bit.{name} must be finite (it holds NaN or inf)")
+
+
+def _check_shape(shape: object) -> int:
+    """The number of elements of a valid `Quantized4bit.shape`."""
+    if not isinstance(shape, tuple) or not all(
+        isinstance(size, numbers.Integral) and not isinstance(size, bool) for size in shape
+    ):
+        raise ArgumentTypeError(f"Quantized4bit.shape must be a tuple of ints, got {shape!r}")
+    if any(size < 0 for size in shape) or math.prod(shape) == 0:
+        raise ValueError(
+            f"Quantized4bit.shape must be non-negative sizes holding at least one element, "
+            f"got {shape}"
+        )
+    return math.prod(int(size) for size in shape)
+
+
+def _check_array(name: str, a: object, dtype: type, size: int, what: str) -> None:
+    """`Quantized4bit.<name>` must be a 1-D `dtype` array of `size` entries."""
+    if not isinstance(a, np.ndarray) or a.dtype != dtype:
+        got = f"{a.dtype} array" if isinstance(a, np.ndarray) else type(a).__name__
+        raise ArgumentTypeError(
+            f"Quantized4bit.{name} must be a {np.dtype(dtype).name} array ({what}), got {got}"
+        )
+    if a.shape != (size,):
+        raise ValueError(
+            f"Quantized4bit.{name} must be 1-D with {size} entries ({what}), got shape {a.shape}"
+        )
+
+
+def _absmax_float32(q: Quantized4bit) -> np.ndarray:
+    """`Quantized4bit.absmax_float32` for a checked `q`.
+
+    The rebuilt scale is the nearest 8-bit level times absmax2, plus offset: it can lie above
+    the block's true absmax by up to half a level's gap (times absmax2), which near float32's
+    top rounds to inf. The clamp to +-float32 max only moves such a scale closer to the true
+    absmax (which is finite), and leaves every other scale, so every ordinary one, as it is.
+    """
+    if not q.double_quant:
+        return q.absmax
+    scales = _block_scales(q.absmax2, DOUBLE_QUANT_BLOCKSIZE, q.absmax.size)
+    with np.errstate(over="ignore"):  # a rebuilt scale beyond float32: clamped just below
+        rebuilt = dynamic_map()[q.absmax] * scales + q.offset
+    return np.clip(rebuilt, -FLOAT32_MAX, FLOAT32_MAX, out=rebuilt)
 
 
 def pack_4bit(codes: np.ndarray, pad_code: int = 0) -> np.ndarray:
@@ -407,11 +550,18 @@ def _quantize_blocks(x: np.ndarray, blocksize: int, code: np.ndarray):
     absmax = np.abs(blocks).max(axis=1)  # (n_blocks,)
     inverse = np.float32(1.0) / np.maximum(absmax, _TINY)
     # the rounding of 1 / absmax can leave |scaled| a hair above 1; it still takes the end level
-    scaled = (blocks * inverse[:, None]).reshape(-1)[:n]
+    product = blocks * inverse[:, None]  # (n_blocks, blocksize)
+    # below 1e-38 (subnormal values) 1 / absmax has no float32 value: such a block is scaled up
+    # by 2 ** 64 first, exactly, and then like any block (`_LIFT`)
+    tiny = np.flatnonzero((absmax > 0) & (absmax < _TINY))
+    if tiny.size:
+        lifted_inverse = np.float32(1.0) / (absmax[tiny] * _LIFT)
+        product[tiny] = (blocks[tiny] * _LIFT) * lifted_inverse[:, None]
+    scaled = product.reshape(-1)[:n]
     full = n - n % blocksize
     # bitsandbytes divides a short last block instead (x / absmax can round differently from
     # x * (1 / absmax), which moves a value sitting on a midpoint): we do the same
-    scaled[full:] = x[full:] / np.maximum(absmax[-1], _TINY)
+    scaled[full:] = x[full:] / (absmax[-1] if absmax[-1] > 0 else _TINY)
     return _nearest_code(scaled, code), absmax
 
 

@@ -16,8 +16,29 @@ On CPU, PyTorch's per-element gathers and its binary search are slow, so `quanti
 kernels on the same memory that give exactly the codes and values of the plain tensor path
 below (blockwise absmax, a bucketize over the midpoints, a pair-table decode), which
 tests/torch/test_quant_cpu.py checks. Everything else here is plain tensor code on any device.
+
+The two float32 corners of `lowrank.numpy.quant` are handled the same way here, in both paths: a
+block whose absmax is below 1e-38 (no float32 reciprocal exists) is first multiplied by 2 ** 64,
+exactly, and then scaled like any block; every
+decoded scale is clamped to the largest finite value of float32 and of `q.dtype` (a rebuilt
+double-quantized scale may lie above the true absmax, which near float16's 65504 or float32's
+3.4e38 overflowed to inf; the true absmax is below the limit, so the clamp only brings the
+scale closer to it). Ordinary weights meet neither corner: bit-identity with bitsandbytes holds.
+
+`dequantize_4bit` checks its `Quantized4bit` first (`check_quantized`): sizes, dtypes, devices
+and flags are host-side metadata and always checked; the values (finite scales) only on CPU,
+so that decoding on CUDA still never waits for the device.
+
+Under `torch.compile`, `dequantize_4bit` takes the plain tensor path even on CPU: Dynamo cannot
+trace NumPy code that works on a tensor's memory (it failed with a TorchRuntimeError, not a
+graph break), while it traces the tensor path whole (`fullgraph=True` works), and inductor can
+fuse the decode into the kernels around it; the code tables enter the graph as constants
+(`assume_constant_result`). A custom operator (`torch.library.custom_op`) wrapping quant_cpu
+was the other choice; it needs torch >= 2.4 (lowrank supports 2.1) and a second, fake kernel
+to keep in step, and it would hide the decode from inductor.
 """
 
+import numbers
 from dataclasses import dataclass
 from functools import cache
 
@@ -25,13 +46,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lowrank._validate import check_blocksize, check_quant_type
+from lowrank._validate import ArgumentTypeError, check_blocksize, check_bool, check_quant_type
 from lowrank.numpy import quant as reference
 from lowrank.numpy.quant import DOUBLE_QUANT_BLOCKSIZE
 from lowrank.torch import quant_cpu
+from lowrank.torch.quant_cpu import FLOAT32_MAX, scale_limit
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _TINY = 1e-38  # stands in for an all-zero block's absmax when dividing (0 * 1e38 = 0)
+_LIFT = float(reference._LIFT)  # 2 ** 64: blocks below _TINY are multiplied by it first
+
+# torch >= 2.3 names these in torch.compiler; torch 2.1 and 2.2 only in torch._dynamo
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+_constant_result = (
+    getattr(torch.compiler, "assume_constant_result", None) or torch._dynamo.assume_constant_result
+)
 
 
 def nf4_code(device: torch.device | str | None = None) -> torch.Tensor:
@@ -84,6 +113,7 @@ class Quantized4bit:
     def nbytes(self) -> int:
         """Bytes that must be stored: codes, scales, and with double quantization their
         scales and the float32 offset (code tables are constants)."""
+        check_quantized(self, values=False)  # sizes only (also on the meta device)
         total = _nbytes(self.packed) + _nbytes(self.absmax)
         if self.double_quant:
             total += _nbytes(self.absmax2) + 4
@@ -95,12 +125,9 @@ class Quantized4bit:
 
     def absmax_float32(self) -> torch.Tensor:
         """Block scales, float32 [n_blocks]; with double quantization
-        `dynamic_map()[code] * absmax2[j // 256] + offset`."""
-        if not self.double_quant:
-            return self.absmax
-        table = _dynamic_map(self.device)  # [256]
-        scales = _block_scales(self.absmax2, DOUBLE_QUANT_BLOCKSIZE, self.absmax.numel())
-        return table[self.absmax.long()] * scales + self.offset
+        `dynamic_map()[code] * absmax2[j // 256] + offset`, clamped to +-float32 max."""
+        check_quantized(self)
+        return _absmax_float32(self)
 
     def to(self, device: torch.device | str) -> "Quantized4bit":
         """The same quantized tensor on `device`."""
@@ -131,6 +158,7 @@ def quantize_4bit(
     """
     check_quant_type(quant_type)
     check_blocksize(blocksize)
+    check_bool("double_quant", double_quant)
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in FLOAT_DTYPES:
@@ -164,8 +192,15 @@ def quantize_4bit(
 
 
 def dequantize_4bit(q: Quantized4bit) -> torch.Tensor:
-    """Rebuild the tensor: `code[c] * absmax[block]` in float32, returned as `q.dtype`."""
-    if q.device.type == "cpu":  # dequantize's one CPU-or-not decision: the same values
+    """Rebuild the tensor: `code[c] * absmax[block]` in float32, returned as `q.dtype`.
+
+    `q` is checked first (`check_quantized`; on CUDA, and while compiling, without reading the
+    values: no host sync). Each scale is clamped to the largest finite value of `q.dtype` and
+    of float32, so a quantization of finite input decodes to finite values of its dtype.
+    """
+    check_quantized(q)
+    # dequantize's one CPU-or-not decision (the same values); Dynamo traces the tensor path
+    if q.device.type == "cpu" and not _is_compiling():
         return quant_cpu.dequantize(
             q.packed,
             q.absmax,
@@ -178,6 +213,99 @@ def dequantize_4bit(q: Quantized4bit) -> torch.Tensor:
             double_quant=q.double_quant,
         )
     return _dequantize(q)
+
+
+def check_quantized(q: Quantized4bit, *, values: bool = True) -> None:
+    """Refuse a `Quantized4bit` whose fields do not describe one quantized tensor (the rules of
+    `lowrank.numpy.quant.check_quantized`, naming the field and what was expected).
+
+    Metadata, always checked (free: nothing is read from the device): `quant_type`,
+    `blocksize`, `double_quant`; `shape` a tuple of non-negative ints with n >= 1 elements;
+    `dtype` one of FLOAT_DTYPES; `packed` uint8 [ceil(n / 2)] exactly (a shape needing fewer
+    codes is refused, never truncated); `absmax` [ceil(n / blocksize)], float32, or uint8 with
+    double quantization, which also needs `offset` (float32 0-d) and `absmax2` (float32
+    [ceil(n_blocks / 256)]), both None without it; all on `packed`'s device.
+    Values, with `values`, on CPU only: the float32 scales and the offset must be finite
+    (O(n_blocks); `packed` is never read). On CUDA, and while torch.compile traces, the values
+    are not checked, so that `dequantize_4bit` adds no host sync and no graph break.
+    Wrong types raise `ArgumentTypeError` (a TypeError and a ValueError), inconsistent values
+    `ValueError`.
+    """
+    if not isinstance(q, Quantized4bit):
+        raise ArgumentTypeError(f"expected a Quantized4bit, got {type(q).__name__}")
+    check_quant_type(q.quant_type)
+    check_blocksize(q.blocksize)
+    check_bool("Quantized4bit.double_quant", q.double_quant)
+    n = _check_shape(q.shape)
+    if not isinstance(q.dtype, torch.dtype) or q.dtype not in FLOAT_DTYPES:
+        raise ArgumentTypeError(
+            f"Quantized4bit.dtype must be one of {FLOAT_DTYPES} (the quantized tensor's), "
+            f"got {q.dtype!r}"
+        )
+    where = f"for shape {q.shape} (n = {n})"
+    _check_tensor(q, "packed", torch.uint8, (-(-n // 2),), f"ceil(n / 2) bytes {where}")
+    n_blocks = -(-n // q.blocksize)
+    blocks = f"ceil(n / blocksize) = ceil({n} / {q.blocksize}) entries {where}"
+    if not q.double_quant:
+        _check_tensor(q, "absmax", torch.float32, (n_blocks,), f"{blocks}, as double_quant=False")
+        for name in ("offset", "absmax2"):
+            if getattr(q, name) is not None:
+                raise ValueError(f"Quantized4bit.{name} must be None without double quantization")
+        scales = {"absmax": q.absmax}
+    else:
+        what = f"{blocks}, codes as double_quant=True"
+        _check_tensor(q, "absmax", torch.uint8, (n_blocks,), what)
+        n_blocks2 = -(-n_blocks // DOUBLE_QUANT_BLOCKSIZE)
+        what = f"ceil(n_blocks / 256) = {n_blocks2} entries"
+        _check_tensor(q, "absmax2", torch.float32, (n_blocks2,), what)
+        if q.offset is None:
+            raise ValueError("Quantized4bit.offset is missing: double quantization needs it")
+        _check_tensor(q, "offset", torch.float32, (), "a 0-d tensor, the mean of the scales")
+        scales = {"absmax2": q.absmax2, "offset": q.offset}
+    if values and q.packed.device.type == "cpu" and not _is_compiling():
+        for name, t in scales.items():  # NumPy: ~10x quicker than torch for this on CPU
+            if not np.isfinite(t.detach().numpy()).all():
+                raise ValueError(f"Quantized4bit.{name} must be finite (it holds NaN or inf)")
+
+
+def _check_shape(shape: object) -> int:
+    """The number of elements of a valid `Quantized4bit.shape` (plain loops: Dynamo traces
+    this, and it takes no generator expressions)."""
+    if not isinstance(shape, tuple):
+        raise ArgumentTypeError(f"Quantized4bit.shape must be a tuple of ints, got {shape!r}")
+    n = 1
+    for size in shape:
+        if not isinstance(size, numbers.Integral) or isinstance(size, bool):
+            raise ArgumentTypeError(f"Quantized4bit.shape must be a tuple of ints, got {shape!r}")
+        if size < 0:
+            n = 0
+        n *= int(size)
+    if n == 0:
+        raise ValueError(
+            f"Quantized4bit.shape must be non-negative sizes holding at least one element, "
+            f"got {shape}"
+        )
+    return n
+
+
+def _check_tensor(
+    q: Quantized4bit, name: str, dtype: torch.dtype, shape: tuple[int, ...], what: str
+) -> None:
+    """`q.<name>` must be a `dtype` tensor of `shape` on `q.packed`'s device."""
+    t = getattr(q, name)
+    if not isinstance(t, torch.Tensor) or t.dtype != dtype:
+        got = f"a {t.dtype} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ArgumentTypeError(
+            f"Quantized4bit.{name} must be a {dtype} tensor ({what}), got {got}"
+        )
+    if tuple(t.shape) != shape:
+        raise ValueError(
+            f"Quantized4bit.{name} must have shape {list(shape)} ({what}), got {list(t.shape)}"
+        )
+    if name != "packed" and t.device != q.packed.device:
+        raise ValueError(
+            f"Quantized4bit.{name} is on {t.device}, but packed is on {q.packed.device}"
+        )
 
 
 def pack_4bit(codes: torch.Tensor, pad_code: int = 0) -> torch.Tensor:
@@ -218,11 +346,15 @@ def _quantize_blocks(
     blocks = x.view(n_blocks, blocksize)
     low, high = torch.aminmax(blocks, dim=1)  # one pass instead of abs() then amax()
     absmax = torch.maximum(low.abs(), high.abs())  # [n_blocks]
-    inverse = 1.0 / absmax.clamp(min=_TINY)
-    scaled = (blocks * inverse[:, None]).view(-1)[:n]  # [n]
+    # below 1e-38 (subnormal values) 1 / absmax has no float32 value: such a block is scaled up
+    # by 2 ** 64 first (exact; lowrank.numpy.quant._LIFT), the others by 1 (x * 1 is x, so
+    # their codes are bitsandbytes'). A per-block factor, not a test on the host: no sync.
+    lift = torch.where((absmax > 0) & (absmax < _TINY), _LIFT, 1.0)  # [n_blocks]
+    inverse = 1.0 / (absmax * lift).clamp(min=_TINY)
+    scaled = (blocks * lift[:, None]).mul_(inverse[:, None]).view(-1)[:n]  # [n]
     full = n - n % blocksize
     if full < n:  # bitsandbytes divides a short last block (see lowrank/numpy/quant.py)
-        scaled[full:] = x[full:n] / absmax[-1].clamp(min=_TINY)
+        scaled[full:] = x[full:n] / torch.where(absmax[-1] > 0, absmax[-1], _TINY)
     codes = _nearest_code(scaled, table)  # [n]
     if pack:
         codes = pack_4bit(codes, pad_code=_search_table(table, x.device).pad_code)
@@ -240,9 +372,12 @@ def _nearest_code(scaled: torch.Tensor, table: str) -> torch.Tensor:
 
 
 def _dequantize(q: Quantized4bit) -> torch.Tensor:
-    """`dequantize_4bit` in tensor operations, for any device (what CUDA runs)."""
+    """`dequantize_4bit` in tensor operations, for any device (what CUDA runs), for a checked q."""
     n = _numel(q.shape)
-    absmax = q.absmax_float32()  # [n_blocks]
+    absmax = _absmax_float32(q)  # [n_blocks], within +-float32 max
+    limit = scale_limit(q.dtype)
+    if limit < FLOAT32_MAX:  # float16 and bfloat16: level * scale must fit the dtype
+        absmax = absmax.clamp(-limit, limit)
     values = _levels(q.packed, q.quant_type)  # [2 * ceil(n / 2)] float32
     n_blocks = absmax.numel()
     if values.numel() != n_blocks * q.blocksize:  # a short last block or an odd pad nibble
@@ -250,6 +385,17 @@ def _dequantize(q: Quantized4bit) -> torch.Tensor:
     blocks = values.view(n_blocks, q.blocksize)  # [n_blocks, blocksize], a fresh buffer
     blocks.mul_(absmax[:, None])
     return blocks.reshape(-1)[:n].reshape(q.shape).to(q.dtype)
+
+
+def _absmax_float32(q: Quantized4bit) -> torch.Tensor:
+    """`Quantized4bit.absmax_float32` for a checked `q`. The rebuilt scale is the nearest 8-bit
+    level (times absmax2, plus offset), which may lie above the true absmax: near float32's top
+    that rounds to inf, so it is clamped (only towards the true absmax, which is finite)."""
+    if not q.double_quant:
+        return q.absmax
+    table = _dynamic_map(q.device)  # [256]
+    scales = _block_scales(q.absmax2, DOUBLE_QUANT_BLOCKSIZE, q.absmax.numel())
+    return (table[q.absmax.long()] * scales + q.offset).clamp_(-FLOAT32_MAX, FLOAT32_MAX)
 
 
 def _levels(packed: torch.Tensor, quant_type: str) -> torch.Tensor:
@@ -281,17 +427,27 @@ def _search_table(table: str, device: torch.device) -> _Search:
     )
 
 
-@cache
+_TABLES: dict[tuple, torch.Tensor] = {}  # the decode tables, built once per device
+
+
+@_constant_result  # under torch.compile: called once while tracing, a constant of the graph
 def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
     """[256, 2] float32: the levels of byte b's high and low nibble."""
-    code = code_for(quant_type)
-    byte = torch.arange(256)
-    return torch.stack([code[byte >> 4], code[byte & 0x0F]], dim=1).to(device)
+    key = ("pairs", quant_type, device)
+    if key not in _TABLES:
+        code = code_for(quant_type)
+        byte = torch.arange(256)
+        _TABLES[key] = torch.stack([code[byte >> 4], code[byte & 0x0F]], dim=1).to(device)
+    return _TABLES[key]
 
 
-@cache
+@_constant_result
 def _dynamic_map(device: torch.device) -> torch.Tensor:
-    return dynamic_map(device)
+    """[256] float32, `dynamic_map()` on `device`."""
+    key = ("dynamic", device)
+    if key not in _TABLES:
+        _TABLES[key] = dynamic_map(device)
+    return _TABLES[key]
 
 
 def _block_scales(absmax: torch.Tensor, blocksize: int, n: int) -> torch.Tensor:

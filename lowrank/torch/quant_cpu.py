@@ -30,6 +30,7 @@ from lowrank.numpy import quant as reference
 from lowrank.numpy.quant import DOUBLE_QUANT_BLOCKSIZE
 
 _TINY = 1e-38  # stands in for an all-zero block's absmax when dividing (0 * 1e38 = 0)
+FLOAT32_MAX = float(reference.FLOAT32_MAX)  # no decoded scale goes beyond it
 # Values per task, so that a task's temporaries (about 20 bytes per value when quantizing, 10
 # when decoding) stay in the caches while it runs; measured on 4096 x 4096.
 _QUANTIZE_CHUNK = 1 << 18
@@ -78,9 +79,17 @@ def quantize_blocks(
         scaled = magnitude.view(np.float32)  # [stop - start], reuses the buffer
         inverse = np.float32(1.0) / np.maximum(scales[:whole], np.float32(_TINY))
         blocks = values[:full].reshape(whole, blocksize)
-        np.multiply(blocks, inverse[:, None], out=scaled[:full].reshape(whole, blocksize))
+        scaled_blocks = scaled[:full].reshape(whole, blocksize)
+        np.multiply(blocks, inverse[:, None], out=scaled_blocks)
+        # below 1e-38 (subnormal values) 1 / absmax has no float32 value: such a block is
+        # scaled up by 2 ** 64 first, exactly, then like any (lowrank.numpy.quant._LIFT)
+        if whole and scales[:whole].min() < np.float32(_TINY):  # rare: zero or tiny blocks
+            tiny = np.flatnonzero((scales[:whole] > 0) & (scales[:whole] < np.float32(_TINY)))
+            lifted_inverse = np.float32(1.0) / (scales[tiny] * reference._LIFT)
+            scaled_blocks[tiny] = (blocks[tiny] * reference._LIFT) * lifted_inverse[:, None]
         if full < stop - start:  # bitsandbytes divides a short last block
-            scaled[full:] = values[full:] / np.maximum(scales[whole], np.float32(_TINY))
+            last = scales[whole]
+            scaled[full:] = values[full:] / (last if last > 0 else np.float32(_TINY))
         chunk_codes = _nearest_code_cpu(scaled, table).numpy()
         if not pack:
             codes[start:stop] = chunk_codes
@@ -113,13 +122,17 @@ def dequantize(
              map, decoded here with offset (float32 0-d) and absmax2 (float32
              [ceil(n_blocks / 256)]) exactly as `Quantized4bit.absmax_float32()` does.
 
-    Chunk by chunk on a few threads. float32 and bfloat16 results are written straight into the
-    output; the bfloat16 rounding is done on the float32 bits (as torch's cast does). Other
-    dtypes, and scales that are not finite (where torch's cast has its own NaN bit patterns),
-    are made in float32 and cast by torch.
+    Each scale is clamped to `scale_limit(dtype)`, as the tensor path does. Chunk by chunk on a
+    few threads. float32 and bfloat16 results are written straight into the output; the
+    bfloat16 rounding is done on the float32 bits (as torch's cast does). Other dtypes, and
+    scales that are not finite (NaN, where torch's cast has its own bit patterns), are made in
+    float32 and cast by torch. The fields are not checked here (`quant.dequantize_4bit` does).
     """
     n = math.prod(shape)
     packed, scales = packed.contiguous(), _scales(absmax, offset, absmax2, double_quant)
+    limit = scale_limit(dtype)
+    if limit < FLOAT32_MAX:  # float16 and bfloat16: level * scale must fit the dtype
+        scales = np.clip(scales, np.float32(-limit), np.float32(limit))  # a copy, never in place
     as_bfloat16 = dtype == torch.bfloat16 and bool(np.all(np.isfinite(scales)))
     out = np.empty(n, np.uint16 if as_bfloat16 else np.float32)  # bfloat16 as its bits
     chunk = max(_DEQUANTIZE_CHUNK, blocksize)  # a multiple of blocksize, and even
@@ -152,12 +165,22 @@ def _scales(
     double_quant: bool,
 ) -> np.ndarray:
     """Block scales, float32 [n_blocks]; with double quantization
-    `dynamic_map()[code] * absmax2[j // 256] + offset` (in NumPy: quicker than torch here)."""
+    `dynamic_map()[code] * absmax2[j // 256] + offset` clamped to +-float32 max, as
+    `Quantized4bit.absmax_float32()` (in NumPy: quicker than torch here)."""
     if not double_quant:
         return absmax.numpy()
     codes = absmax.numpy()  # uint8 [n_blocks]
     scales = np.repeat(absmax2.numpy(), DOUBLE_QUANT_BLOCKSIZE)[: codes.size]  # [n_blocks]
-    return reference.dynamic_map()[codes] * scales + offset.numpy()
+    with np.errstate(over="ignore"):  # beyond float32: clamped just below
+        rebuilt = reference.dynamic_map()[codes] * scales + offset.numpy()
+    return np.clip(rebuilt, -reference.FLOAT32_MAX, reference.FLOAT32_MAX, out=rebuilt)
+
+
+def scale_limit(dtype: torch.dtype) -> float:
+    """The largest scale a decode into `dtype` may use: its largest finite value (float16:
+    65504, bfloat16: 3.39e38), or float32's if that is smaller (decoding is float32
+    arithmetic). A level is at most 1 in magnitude, so level * scale then fits the dtype."""
+    return min(torch.finfo(dtype).max, FLOAT32_MAX)
 
 
 def _round_to_bfloat16(values: np.ndarray, out: np.ndarray) -> None:

@@ -165,3 +165,18 @@ def test_linear4bit_set_weight_checks_shape_and_values():
 def test_linear4bit_refuses_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Linear4bit.from_linear(Linear(4, 3), **kwargs)
+
+
+def test_linear4bit_float16_weights_at_their_max_decode_finite():
+    """A float16 weight at 65504 (its max), double-quantized: the rebuilt scale lay above
+    65504, so the weight decoded back to float16 was inf. The decode clamps it to 65504."""
+    weight = np.full((21, 64), 65504.0, np.float16)
+    weight[-1] = 0  # one all-zero block: the rebuilt scales of the others overshoot
+    linear = Linear(64, 21, rng=np.random.default_rng(0))
+    linear.weight = weight
+    layer = Linear4bit.from_linear(linear, blocksize=64)
+    decoded = layer.dequantize_weight()
+    assert decoded.dtype == np.float16 and np.all(np.isfinite(decoded))
+    assert np.all(np.abs(decoded[:-1]) >= 64000)  # within double quantization's error of 65504
+    y = layer.forward(np.ones((1, 64), np.float32))
+    assert np.all(np.isfinite(y))

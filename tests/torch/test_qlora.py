@@ -1,10 +1,17 @@
 """lowrank.torch.qlora.Linear4bit: outputs and gradients against the written-out formula with
-autograd, what is saved for backward, what is stored, meta-device planning, dtype handling."""
+autograd, what is saved for backward, what is stored, meta-device planning, dtype handling, and
+a QLoRA model under torch.compile against eager."""
+
+import os
+import shutil
+import time
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from lowrank.torch import add_lora, quant_cpu
 from lowrank.torch.qlora import Linear4bit
 from lowrank.torch.quant import dequantize_4bit, quantize_4bit
 
@@ -136,6 +143,97 @@ def test_bad_arguments():
         Linear4bit.from_linear(torch.nn.Linear(4, 4), quant_type="nf5")
     with pytest.raises(ValueError, match="power of two"):
         Linear4bit.from_linear(torch.nn.Linear(4, 4), blocksize=48)
+    for double_quant in ("no", "False", 1, None):  # "no" is truthy: it must not mean True
+        with pytest.raises(TypeError, match="double_quant must be True or False"):
+            Linear4bit.from_linear(torch.nn.Linear(4, 4), double_quant=double_quant)
+        with pytest.raises(TypeError, match="double_quant must be True or False"):
+            Linear4bit(4, 4, double_quant=double_quant)
+
+
+def test_float16_weight_at_its_max_decodes_finite():
+    """A float16 weight at 65504 with one zero row: the double-quantized scales rebuilt above
+    65504, and the decoded float16 weight (forward and backward) was inf."""
+    weight = torch.full((21, 64), 65504.0, dtype=torch.float16)
+    weight[-1] = 0
+    layer = Linear4bit.from_linear(torch.nn.Linear(64, 21, bias=False).half(), blocksize=64)
+    layer.set_weight(weight)
+    assert torch.equal(layer.dequantize_weight(), weight)
+    x = torch.full((2, 64), 1e-3, dtype=torch.float16, requires_grad=True)
+    y = layer(x)  # 64 * 65504 * 1e-3 = 4192 per row: finite, if the decoded weight is
+    (y * 1e-4).sum().backward()  # dL/dx = 1e-4 * column sums of W (20 * 65504 * 1e-4)
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 131.0), rtol=1e-2, atol=0)
+
+
+# ---- torch.compile ----
+
+
+def compile_backend() -> str:
+    """inductor (the default) where it can build its C++ kernels, else aot_eager."""
+    compiler = os.environ.get("CXX", "g++")
+    return "inductor" if shutil.which(compiler) or shutil.which("clang++") else "aot_eager"
+
+
+def qlora_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 16))
+    add_lora(model, ["0", "2"], r=4, quant_type="nf4")
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.B["default"].normal_(0, 0.1)  # a trained-looking B: A gets a gradient too
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_torch_compile_of_a_qlora_model_matches_eager():
+    """torch.compile(fullgraph=True) of a tiny QLoRA model (two NF4 Linear4bit bases with
+    adapters) on CPU: forward and the gradients of A, B and the input equal eager's to 1e-5
+    relative (compiled code may reorder float32 sums). Dynamo once crashed here with a
+    TorchRuntimeError: it traced into quant_cpu's NumPy decode. Under compile the decode takes
+    the tensor path, whole (fullgraph: no graph break), so quant_cpu is never called.
+
+    Backend: inductor, the default, when a C++ compiler is there (g++ on the CI machine, ~10-20
+    s to compile this model from cold), else aot_eager (still Dynamo and AOTAutograd)."""
+    torch._dynamo.reset()
+    model = qlora_model()
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1))
+    x_eager = x.clone().requires_grad_()
+    y_eager = model(x_eager)
+    y_eager.square().sum().backward()
+    adapters = [p for name, p in model.named_parameters() if p.requires_grad]
+    assert len(adapters) == 4  # A and B of both layers
+    grads_eager = [p.grad.clone() for p in adapters]
+    model.zero_grad()
+
+    compiled = torch.compile(model, backend=compile_backend(), fullgraph=True)
+    x_compiled = x.clone().requires_grad_()
+    start = time.perf_counter()
+    with mock.patch.object(quant_cpu, "dequantize", side_effect=AssertionError("NumPy decode")):
+        y_compiled = compiled(x_compiled)
+        y_compiled.square().sum().backward()
+        y_again = compiled(x)  # the compiled graph, reused
+    assert time.perf_counter() - start < 120
+
+    def close(actual, expected):
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale)
+
+    close(y_compiled, y_eager)
+    close(y_again, y_eager.detach())
+    close(x_compiled.grad, x_eager.grad)
+    for p, expected in zip(adapters, grads_eager, strict=True):
+        assert p.grad is not None and p.grad.abs().max() > 0
+        close(p.grad, expected)
+    torch._dynamo.reset()
+
+
+def test_torch_compile_of_dequantize_is_exact():
+    """The decode alone, compiled whole (fullgraph), gives the eager decode's bits."""
+    torch._dynamo.reset()
+    q = quantize_4bit(torch.randn(33, 77), blocksize=64)
+    decode = torch.compile(dequantize_4bit, backend="aot_eager", fullgraph=True)
+    assert torch.equal(decode(q), dequantize_4bit(q))
+    torch._dynamo.reset()
 
 
 @pytest.mark.cuda

@@ -5,6 +5,10 @@ scales, packed bytes and dequantized bits, across chunk seams and threads."""
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from quant_bounds import BFLOAT16_MAX, EDGE_VALUES
 
 from lowrank.torch import quant, quant_cpu
 from lowrank.torch.quant import code_for, dequantize_4bit, quantize_4bit
@@ -88,11 +92,70 @@ def test_cpu_dequantize_equals_tensor_dequantize(monkeypatch, quant_type, dtype,
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # 0 * inf
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpu_dequantize_non_finite_scales_equal_tensor_dequantize(dtype):
-    """Scales that are not finite (only a hand-made Quantized4bit has them) take torch's cast."""
+    """Scales that are not finite (only a hand-made Quantized4bit has them, and
+    `dequantize_4bit` refuses it): the two kernels, called directly, still agree (inf clamped
+    to the dtype's max for float16/bfloat16, NaN through torch's cast)."""
     q = quantize_4bit(torch.randn(4, 64), blocksize=64, double_quant=False)
     absmax = torch.tensor([1.0, float("inf"), float("nan"), 0.5])
     q = quant.Quantized4bit(q.packed, absmax, None, None, (4, 64), dtype, 64, "nf4", False)
+    with pytest.raises(ValueError, match="absmax must be finite"):
+        dequantize_4bit(q)
+    fast = quant_cpu.dequantize(
+        q.packed, absmax, None, None, shape=(4, 64), dtype=dtype, blocksize=64,
+        quant_type="nf4", double_quant=False,
+    )  # fmt: skip
+    plain = quant._dequantize(q)
+    assert torch.equal(fast.view(-1).view(torch.uint8), plain.view(-1).view(torch.uint8))
+
+
+def edge_weights(n: int) -> torch.Tensor:
+    """[n] float32 values at the edges of the range: blocks at float32's max, blocks of
+    subnormals (absmax < 1e-38: lifted by 2 ** 64 before scaling), zero blocks."""
+    g = torch.Generator().manual_seed(n)
+    kind = torch.arange(n) // 64 % 4
+    top = torch.finfo(torch.float32).max
+    huge = torch.randn(n, generator=g).clamp(-1, 1) * top
+    huge[::64] = top
+    tiny = torch.randn(n, generator=g) * 1e-41
+    x = torch.where(kind == 0, huge, torch.where(kind == 1, tiny, torch.randn(n, generator=g)))
+    return torch.where(kind == 3, 0.0, x)
+
+
+@pytest.mark.parametrize("table", ["nf4", "fp4", "int4", "dynamic"])
+@pytest.mark.parametrize("n,blocksize", [(300, 2), (1000, 64), (20001, 64), (999, 1)])
+def test_cpu_blocks_equal_tensor_blocks_at_the_edges(monkeypatch, table, n, blocksize):
+    monkeypatch.setattr(quant_cpu, "_QUANTIZE_CHUNK", 256)  # chunk seams, short last blocks
+    x = edge_weights(n)
+    codes_cpu, absmax_cpu = quant_cpu.quantize_blocks(x, blocksize, table)
+    codes, absmax = quant._quantize_blocks(x, blocksize, table)
+    assert torch.equal(codes_cpu, codes) and torch.equal(absmax_cpu, absmax)
+    subnormal = torch.nonzero((absmax > 0) & (absmax < 1e-38)).view(-1)
+    assert subnormal.numel() > 0
+    if table == "dynamic":  # its levels stop at -0.993: no exact -1 to test against
+        return
+    # a subnormal block is scaled by its own absmax: its largest value takes the level +-1
+    # (with the old 1e38 guard it was scaled to ~1e-3 and took the level 0)
+    levels = code_for(table)
+    for block in subnormal[:20].tolist():
+        values = x[block * blocksize : (block + 1) * blocksize]
+        i = block * blocksize + int(values.abs().argmax())
+        assert levels[codes[i].long()] == x[i].sign()
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_cpu_dequantize_equals_tensor_dequantize_at_the_edges(
+    monkeypatch, quant_type, dtype, double_quant
+):
+    """Values at float32's max (and so beyond float16's and bfloat16's, whose scales are then
+    clamped to the dtype's max), subnormal blocks: both decoders give the same finite bits."""
+    monkeypatch.setattr(quant_cpu, "_DEQUANTIZE_CHUNK", 128)
+    limit = torch.finfo(dtype).max
+    x = edge_weights(3001).clamp(-limit, limit).to(dtype)
+    q = quantize_4bit(x, blocksize=64, quant_type=quant_type, double_quant=double_quant)
     fast, plain = dequantize_4bit(q), quant._dequantize(q)
+    assert torch.isfinite(fast).all()
     assert torch.equal(fast.view(-1).view(torch.uint8), plain.view(-1).view(torch.uint8))
 
 
@@ -151,3 +214,43 @@ def test_non_finite_value_in_a_later_chunk_is_caught(monkeypatch):
     w[4_321] = float("inf")
     with pytest.raises(ValueError, match="NaN or inf"):
         quantize_4bit(w)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    w=hnp.arrays(
+        np.float32,
+        st.integers(1, 700),
+        elements=st.one_of(
+            st.floats(allow_nan=False, allow_infinity=False, width=32),  # subnormals too
+            st.sampled_from(EDGE_VALUES),
+        ),
+    ),
+    blocksize=st.sampled_from([1, 4, 64]),
+    quant_type=st.sampled_from(QUANT_TYPES),
+    double_quant=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_cpu_path_equals_tensor_path_and_numpy_on_any_floats(
+    w, blocksize, quant_type, double_quant, dtype
+):
+    """Any finite floats, the edges of the range included: the CPU kernels, the tensor path and
+    the NumPy reference (whose error bound tests/numpy/test_quant.py checks) agree bit for bit,
+    and decode to finite values."""
+    x = torch.from_numpy(w)
+    if dtype == torch.bfloat16:  # float32's max would round to a bfloat16 inf
+        x = x.clamp(-BFLOAT16_MAX, BFLOAT16_MAX).to(dtype)
+    kwargs = dict(blocksize=blocksize, quant_type=quant_type, double_quant=double_quant)
+    q = quantize_4bit(x, **kwargs)
+    packed, absmax = quant._quantize_blocks(x.reshape(-1), blocksize, quant_type, pack=True)
+    if not double_quant:
+        assert torch.equal(packed, q.packed) and torch.equal(absmax, q.absmax)
+    fast, plain = dequantize_4bit(q), quant._dequantize(q)
+    assert torch.isfinite(fast).all()
+    assert torch.equal(fast.view(-1).view(torch.uint8), plain.view(-1).view(torch.uint8))
+    ref = quant.reference.quantize_4bit(x.float().numpy(), **kwargs)
+    np.testing.assert_array_equal(q.packed.numpy(), ref.packed)
+    np.testing.assert_array_equal(q.absmax.numpy(), ref.absmax)
+    if dtype == torch.float32:
+        expected = quant.reference.dequantize_4bit(ref)
+        np.testing.assert_array_equal(fast.numpy().view(np.uint32), expected.view(np.uint32))
