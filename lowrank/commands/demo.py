@@ -250,10 +250,12 @@ def _run_demo(config: DemoConfig, device: torch.device, out_dir: Path) -> dict:
     best_lora = lora_models[best_lora_name]
     merge = merge_check(best_lora, fresh_model(head), test_examples, device, config.timing_repeats)
 
-    # Verification 3: the saved adapter reloads and reproduces the metric
+    # Verification 3: the saved adapter reloads and reproduces the metric (saved aside first:
+    # write_report puts it into out_dir/adapter with the report, the folder changing as a unit)
     adapter_dir = out_dir / "adapter"
-    save_trainable(best_lora, adapter_dir)
-    reloaded = load_trainable(fresh_model(None), adapter_dir).to(device)
+    staging = tempfile.TemporaryDirectory(prefix="lowrank-adapter-")
+    save_trainable(best_lora, staging.name)
+    reloaded = load_trainable(fresh_model(None), staging.name).to(device)
     reloaded_accuracy = accuracy(reloaded, test_examples, device)
     trained_accuracy = next(row["accuracy"] for row in rows if row["method"] == best_lora_name)
 
@@ -287,7 +289,10 @@ def _run_demo(config: DemoConfig, device: torch.device, out_dir: Path) -> dict:
         "numpy_vs_torch": agreement,
         "total_time_s": time.perf_counter() - started,
     }
-    write_report(report, out_dir)
+    try:
+        write_report(report, out_dir, adapter=Path(staging.name))
+    finally:
+        staging.cleanup()
     return report
 
 

@@ -1,10 +1,12 @@
 """The report folder of `lowrank demo`: report.json, summary.md and PNG plots.
 
 `format_table` is the comparison of the methods as a Markdown table, `format_summary` the whole
-summary (the table, then each check in a sentence or two), and `write_report` writes all of it.
-Every file is written atomically (`lowrank._files`): a crash never leaves a half-written one.
+summary (the table, then each check in a sentence or two), and `write_report` writes all of it,
+with the saved adapter as `adapter/`. The folder changes as a unit
+(`lowrank._files.write_folder_atomically`): a crash at any instant leaves the previous report or
+this one, complete, never this report beside the previous run's adapter or plots.
 
-    write_report(report, Path("lowrank-report"))  # report: the dict `demo.run_demo` returns
+    write_report(report, Path("lowrank-report"), adapter=saved)  # report: `demo.run_demo`'s dict
 """
 
 import json
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowrank._files import write_atomically, write_text_atomically
+from lowrank._files import copy_tree, write_folder_atomically
 
 
 def format_table(rows: list[dict]) -> str:
@@ -98,8 +100,15 @@ def _size(n_bytes: float) -> str:
     return f"{n_bytes:.0f} B"
 
 
-def write_report(report: dict, out_dir: Path) -> None:
-    """Write report.json, summary.md and the PNG plots into `out_dir`, each file atomically."""
+FIGURES = ("accuracy.png", "trainable_params.png", "loss_curves.png", "update_energy.png")
+REPORT_ENTRIES = ("report.json", "summary.md", *FIGURES, "adapter")  # what a report owns
+
+
+def write_report(report: dict, out_dir: Path, adapter: Path | None = None) -> None:
+    """Write report.json, summary.md, the PNG plots and (from folder `adapter`, e.g. what
+    `save_trainable` wrote) `adapter/` into `out_dir`, all as one unit. Other files in
+    `out_dir` are kept; an `adapter/` or plot of an earlier report that this one does not
+    write is dropped."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,10 +116,8 @@ def write_report(report: dict, out_dir: Path) -> None:
 
     from lowrank import viz
 
-    write_text_atomically(out_dir / "report.json", json.dumps(report, indent=2))
-    write_text_atomically(out_dir / "summary.md", format_summary(report))
     rows = report["rows"]
-    figures = {
+    draws = {
         "accuracy.png": lambda ax: viz.plot_bars(
             {row["method"]: row["accuracy"] for row in rows},
             ax=ax,
@@ -143,15 +150,22 @@ def write_report(report: dict, out_dir: Path) -> None:
             title="full fine-tuning update: energy in top-r directions",
         ),
     }
-    for filename, draw in figures.items():
-        figure, ax = plt.subplots(figsize=(7, 4))
-        draw(ax)
-        figure.tight_layout()
-        # the temporary file's name ends in .tmp, so the format is named, not guessed
-        write_atomically(
-            out_dir / filename, lambda p, figure=figure: figure.savefig(p, dpi=110, format="png")
-        )
-        plt.close(figure)
+
+    def write_into(folder: Path) -> None:
+        (folder / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        (folder / "summary.md").write_text(format_summary(report), encoding="utf-8")
+        for filename in FIGURES:
+            figure, ax = plt.subplots(figsize=(7, 4))
+            try:
+                draws[filename](ax)
+                figure.tight_layout()
+                figure.savefig(folder / filename, dpi=110, format="png")
+            finally:
+                plt.close(figure)
+        if adapter is not None:
+            copy_tree(adapter, folder / "adapter")
+
+    write_folder_atomically(out_dir, write_into, owns=REPORT_ENTRIES)
 
 
 def _smooth(values: list[float], window: int = 10) -> list[float]:

@@ -20,13 +20,13 @@ match the whole qualified name.
 """
 
 import copy
-import re
 import warnings
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
+from lowrank import _patterns
 from lowrank._validate import check_adapter, check_adapter_name, check_quant_type
 from lowrank.torch.lora import LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear
 from lowrank.torch.qlora import Linear4bit
@@ -96,11 +96,16 @@ def match_targets(
     """The candidate layers `targets` selects, in model order: a str is a regex that must
     match the whole qualified name (re.fullmatch, as in PEFT); a list holds exact names or
     dotted suffixes (`matches`). With `every_pattern_must_match`, a list entry (or the regex)
-    that selects no layer raises ValueError listing the candidates."""
+    that selects no layer raises ValueError listing the candidates.
+
+    The regex is matched by `lowrank._patterns` (the one bounded matcher, also behind
+    `pattern_value`): the result is re.fullmatch's, but all names together get about a second
+    (a pattern read from a file cannot make a load hang), and invalid syntax is a ValueError
+    naming the pattern."""
     candidates = candidate_names(model)
     if isinstance(targets, str):
         patterns = [targets]
-        selected = [[n for n in candidates if re.fullmatch(targets, n)]]
+        selected = [_patterns.fullmatch_names(targets, candidates)]
     elif (
         isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) for t in targets)
     ):
@@ -124,11 +129,11 @@ def match_targets(
 
 def pattern_value(patterns: dict[str, float], name: str, default: float) -> float:
     """PEFT's rule for rank_pattern / alpha_pattern: the first key that matches the end of
-    `name` at a dot boundary (re.match(rf"(.*\\.)?({key})$", name)) gives the value."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
+    `name` at a dot boundary (re.match(rf"(.*\\.)?({key})$", name)) gives the value.
+
+    Matched by `lowrank._patterns`, like `match_targets`: re's result, at most about a second
+    for the call, a ValueError naming a key that is not a valid regex."""
+    return _patterns.pattern_value(patterns, name, default)
 
 
 def _quantized(module: nn.Module, quant_type: str) -> nn.Module:

@@ -12,13 +12,35 @@ directions with identical outputs:
                                  base_model.model.<embedding path>.lora_embedding_B  [dim, r]
 
 Which layers a config's `target_modules` selects follows `lowrank.torch.model.match_targets`,
-the rule `add_lora` uses, which is PEFT's.
+the rule `add_lora` uses, which is PEFT's. Next to the factors, PEFT may save full matrices of
+a transformers model's input/output embeddings (`<path>.base_layer.weight` when the embedding
+is targeted, `<path>.weight` with `save_embedding_layers`); those load too.
+
+A save changes the folder as a unit (`lowrank._files.write_folder_atomically`) and a load reads
+one version of it (`reading_folder`), then checks everything before changing the model.
+
+Where lowrank deliberately differs from PEFT, and why:
+- a file may hold only factors of the selected layers and those embedding matrices: PEFT loads
+  any key that names a parameter (`load_state_dict(strict=False)`), so a file could overwrite
+  any base weight; lowrank refuses such a key by name. Factors must be finite floating tensors.
+- config values are checked like `add_lora`'s arguments; lora_alpha must be > 0 (PEFT accepts
+  0 or a negative alpha, which switch the adapter off or reverse it). Fields lowrank does not
+  implement (modules_to_save, DoRA, exclude_modules, ...: `UNSUPPORTED`) are refused by name
+  rather than ignored.
+- a pattern read from the file that takes more than about a second to match is a ValueError
+  (`lowrank._patterns`); PEFT's `re` would run for as long as the pattern takes.
+- `adapter_model.bin` (a pickle) is never read: unpickling runs code.
+- rank_pattern / alpha_pattern keys are written so that they select exactly their layer (an
+  escaped name, anchored with ^ when it is also the end of another adapted layer's name).
 """
 
 import json
 import os
 import re
+import warnings
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,21 +48,31 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lowrank._files import write_atomically, write_text_atomically
+from lowrank import _patterns
+from lowrank._files import reading_folder, write_folder_atomically
+from lowrank._validate import (
+    check_adapter_name,
+    check_bool,
+    check_dropout,
+    check_int,
+    check_positive_number,
+)
 from lowrank.torch.adapters import check_known, check_unmerged
 from lowrank.torch.lora import LoRAConv1D, LoRAEmbedding, LoRALayer
 from lowrank.torch.model import (
     add_lora,
     features,
+    is_conv1d,
     lora_layers,
     match_targets,
     matches,
-    pattern_value,
     replace_module,
 )
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"  # PEFT's older weights file (a pickle: never read here)
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME)  # what a save owns in its folder
 PREFIX = "base_model.model."
 
 
@@ -88,6 +120,13 @@ def _plain_number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
 
 
+def _pattern_key(name: str, suffixes: set[str]) -> str:
+    """A rank_pattern / alpha_pattern key for exactly layer `name`. PEFT reads a key as the
+    end of a name (`(.*\\.)?(key)$`), so the escaped name also selects a layer whose name ends
+    in "." + name ("1" would select "0.1"): then it is anchored with ^."""
+    return ("^" if name in suffixes else "") + re.escape(name)
+
+
 def _most_common(values: dict[str, float]) -> float:
     return Counter(values.values()).most_common(1)[0][0]
 
@@ -98,7 +137,8 @@ def adapter_config(
     """The adapter_config.json PEFT would write for this adapter (LoraConfig's fields).
 
     r and lora_alpha are the most common values; layers that differ are listed in
-    rank_pattern / alpha_pattern under their escaped full names (PEFT reads keys as regexes).
+    rank_pattern / alpha_pattern under their escaped full names (PEFT reads keys as regexes;
+    `_pattern_key`).
     """
     check_known(model, adapter_name)
     layers = [(n, layer) for n, layer in lora_layers(model) if adapter_name in layer.A]
@@ -112,6 +152,7 @@ def adapter_config(
             "layers; the PEFT format has one value of each"
         )
     r, alpha = _most_common(ranks), _most_common(alphas)
+    suffixes = {n[i + 1 :] for n in ranks for i, char in enumerate(n) if char == "."}
     return {
         "peft_type": "LORA",
         "task_type": None,
@@ -121,8 +162,8 @@ def adapter_config(
         "lora_dropout": dropouts.pop(),
         "use_rslora": rslora.pop(),
         "target_modules": _target_modules(model, [n for n, _ in layers]),
-        "rank_pattern": {re.escape(n): v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {re.escape(n): v for n, v in alphas.items() if v != alpha},
+        "rank_pattern": {_pattern_key(n, suffixes): v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {_pattern_key(n, suffixes): v for n, v in alphas.items() if v != alpha},
         "fan_in_fan_out": any(isinstance(layer, LoRAConv1D) for _, layer in layers),
         "bias": "none",
         "init_lora_weights": True,
@@ -135,6 +176,22 @@ def adapter_config(
     }
 
 
+def adapter_writer(
+    model: nn.Module, adapter_name: str, base_model_name_or_path: str | None
+) -> Callable[[Path], None]:
+    """Everything checked and gathered now; the returned function writes the two files into
+    a folder (the temporary one of `write_folder_atomically`)."""
+    config = adapter_config(model, adapter_name, base_model_name_or_path)
+    tensors = lora_state_dict(model, adapter_name)
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    def write(folder: Path) -> None:
+        (folder / CONFIG_NAME).write_text(text, encoding="utf-8")
+        save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+
+    return write
+
+
 def save_adapter(
     model: nn.Module,
     path: str | os.PathLike,
@@ -144,58 +201,160 @@ def save_adapter(
 ) -> None:
     """Write adapter `adapter_name` to folder `path` as PEFT does (see the module docstring).
 
-    Both files are written to a temporary file and renamed, so a crash never leaves a
-    half-written file behind. `PeftModel.from_pretrained(base_model, path)` loads it.
+    The folder changes as a unit (`lowrank._files.write_folder_atomically`): the files are
+    written into a temporary sibling folder that then takes the folder's place, so a process
+    killed at any instant leaves the old adapter or the new one, complete, never the new
+    config beside the old weights. Other files in the folder (a training log) are kept; an
+    `adapter_model.bin` from an earlier save is dropped (it would contradict the new config).
+    `PeftModel.from_pretrained(base_model, path)` loads it.
     """
-    folder = Path(path)
-    config = adapter_config(model, adapter_name, base_model_name_or_path)
-    tensors = lora_state_dict(model, adapter_name)
-    folder.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    write_text_atomically(folder / CONFIG_NAME, text)
-    write_atomically(
-        folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})
+    write_folder_atomically(
+        path, adapter_writer(model, adapter_name, base_model_name_or_path), owns=ADAPTER_FILES
     )
 
 
-def _read_config(folder: Path) -> dict:
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    unsupported = {
-        "peft_type": ("LORA",),
-        "bias": ("none",),
-        "use_dora": (False, None),
-        "modules_to_save": (None, []),
-        "layers_to_transform": (None, []),
-        "target_parameters": (None, []),
-        "trainable_token_indices": (None,),
-        "lora_bias": (False, None),
-    }
-    for key, allowed in unsupported.items():
-        if config.get(key, allowed[0]) not in allowed:
-            raise ValueError(f"{folder / CONFIG_NAME}: {key}={config[key]!r} is not supported")
+# Config fields lowrank does not implement, with the values that mean "not used". Loading a
+# file that uses one would silently compute something else than PEFT, so it is refused.
+UNSUPPORTED = {
+    "peft_type": ("LORA",),
+    "bias": ("none",),
+    "use_dora": (False, None),
+    "modules_to_save": (None, []),
+    "layers_to_transform": (None, []),
+    "exclude_modules": (None, [], ""),
+    "target_parameters": (None, []),
+    "trainable_token_indices": (None,),
+    "lora_bias": (False, None),
+    "layer_replication": (None, []),
+    "alora_invocation_tokens": (None, []),
+    "use_qalora": (False, None),
+    "use_bdlora": (None, False),
+    "megatron_config": (None,),
+    "arrow_config": (None,),
+    "kasa_config": (None,),
+    "velora_config": (None,),
+    "monteclora_config": (None,),
+}
+
+
+def _check_config(raw: object, path: Path) -> dict:
+    """The config's values lowrank uses, each checked (`lowrank._validate`), with PEFT's
+    defaults for missing ones (r=8, lora_alpha=8). ValueError naming the file and the field.
+
+    Deliberate difference from PEFT: lora_alpha must be > 0 (PEFT takes 0 or a negative
+    number, which turn the adapter off or reverse it), as `add_lora` requires."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    for key, allowed in UNSUPPORTED.items():
+        if raw.get(key, allowed[0]) not in allowed:
+            raise ValueError(f"{path}: {key}={raw[key]!r} is not supported")
+    try:
+        config = {
+            "r": check_int("r", raw.get("r", 8)),
+            "lora_alpha": check_positive_number("lora_alpha", raw.get("lora_alpha", 8)),
+            "lora_dropout": check_dropout(raw.get("lora_dropout", 0.0), "lora_dropout"),
+            "use_rslora": check_bool("use_rslora", raw.get("use_rslora", False)),
+            "fan_in_fan_out": check_bool("fan_in_fan_out", raw.get("fan_in_fan_out", False)),
+            "target_modules": _check_targets(raw.get("target_modules")),
+            "rank_pattern": _check_pattern(raw, "rank_pattern", lambda k, v: check_int(k, v)),
+            "alpha_pattern": _check_pattern(raw, "alpha_pattern", check_positive_number),
+        }
+    except ValueError as error:
+        raise type(error)(f"{path}: {error}") from None
     return config
 
 
-def load_adapter(
-    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default"
-) -> nn.Module:
-    """Load a PEFT-layout LoRA adapter from folder `path` as adapter `adapter_name`.
+def _check_targets(targets: object) -> str | list[str]:
+    if targets == "all-linear":
+        raise ValueError("target_modules='all-linear' (PEFT's shorthand) is not supported")
+    if isinstance(targets, str):
+        _patterns.compile_pattern(targets)  # a syntax error names the pattern
+        return targets
+    if isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
+        return targets
+    raise ValueError(f"target_modules must be a str (regex) or a list of str, got {targets!r}")
 
-    If the model has no adapter of that name, the layers the config describes are wrapped
-    first (target_modules, r, lora_alpha, rank_pattern, alpha_pattern, use_rslora), as
-    `PeftModel.from_pretrained` does; if it has one on exactly those layers, its factors are
-    overwritten. Everything is checked before the model changes: keys, shapes or ranks that
-    do not fit raise ValueError naming the first mismatches, and the model stays as it was.
-    """
-    folder = Path(path)
-    config = _read_config(folder)
-    with safe_open(folder / WEIGHTS_NAME, framework="pt") as handle:
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+
+def _check_pattern(raw: dict, field: str, check: Callable[[str, object], object]) -> dict:
+    """rank_pattern / alpha_pattern: {regex key: value}, keys compiled, values checked."""
+    patterns = raw.get(field) or {}
+    if not isinstance(patterns, dict):
+        raise ValueError(f"{field} must be an object {{pattern: value}}, got {patterns!r}")
+    checked = {key: check(f"{field}[{key!r}]", value) for key, value in patterns.items()}
+    _patterns.check_pattern_keys(checked)
+    return checked
+
+
+def read_adapter_files(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The checked config and the tensors of an adapter folder; ValueError naming the file
+    that is missing or unreadable. Call inside `reading_folder(folder)`."""
+    config_path = folder / CONFIG_NAME
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{config_path} is missing: {folder} is no PEFT adapter") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_path} cannot be read as JSON: {error}") from None
+    config = _check_config(raw, config_path)
+    return config, read_tensors(folder / WEIGHTS_NAME)
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, each checked to be a finite floating tensor.
+    ValueError naming the file (and the key) otherwise."""
+    if not path.is_file():
+        pickle = path.with_name(PICKLE_NAME)
+        hint = f" ({pickle.name}, a pickle, is not read: save it as safetensors)"
+        raise ValueError(f"{path} is missing{hint if pickle.exists() else ''}")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # safetensors raises its own error type for a damaged file
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{path}: {key} has dtype {tensor.dtype}; expected floating point")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{path}: {key} holds NaN or infinite values")
+    return tensors
+
+
+@dataclass
+class AdapterPlan:
+    """A checked adapter load: what `apply_plan` will do to the model."""
+
+    folder: Path
+    config: dict
+    adapter_name: str
+    existing: bool  # the model already has this adapter on exactly these layers
+    layers: list[tuple[str, int, float, torch.Tensor, torch.Tensor]]  # (name, r, alpha, A, B)
+    base_weights: list[tuple[nn.Parameter, torch.Tensor]]  # saved embedding matrices
+
+
+def plan_load(
+    model: nn.Module,
+    folder: Path,
+    config: dict,
+    tensors: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+) -> AdapterPlan:
+    """Check a config and its tensors against the model without changing it: keys, shapes,
+    ranks, the existing adapter. ValueError naming the first mismatches."""
+    check_adapter_name(adapter_name)
     modules = dict(model.named_modules())
-    selected = match_targets(model, config["target_modules"], every_pattern_must_match=False)
-    problems = []
-    plans = []  # (name, r, alpha, A, B)
-    expected = set()
+    try:
+        with _patterns.time_limit():  # every pattern of the file shares one deadline
+            selected = match_targets(
+                model, config["target_modules"], every_pattern_must_match=False
+            )
+            ranks = _patterns.pattern_values(config["rank_pattern"], selected, config["r"])
+            alphas = _patterns.pattern_values(
+                config["alpha_pattern"], selected, config["lora_alpha"]
+            )
+    except ValueError as error:
+        raise ValueError(f"{folder / CONFIG_NAME}: {error}") from None
+    existing = sorted(n for n, layer in lora_layers(model) if adapter_name in layer.A)
+    problems, layers, expected = [], [], set()
     for name in selected:
         module = modules[name]
         key_A, key_B = _keys(name, isinstance(module, (nn.Embedding, LoRAEmbedding)))
@@ -205,23 +364,32 @@ def load_adapter(
             continue
         A, B = tensors[key_A], tensors[key_B]
         in_features, out_features = features(module)
-        r = pattern_value(config.get("rank_pattern") or {}, name, config["r"])
-        alpha = pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
+        r, alpha = ranks[name], alphas[name]
         if A.shape != (r, in_features) or B.shape != (out_features, r):
             problems.append(
                 f"{name}: A {tuple(A.shape)}, B {tuple(B.shape)} but the layer and r={r} need "
                 f"A {(r, in_features)}, B {(out_features, r)}"
             )
             continue
-        plans.append((name, r, alpha, A, B))
-    base_weights = []  # (parameter, value): full weights PEFT saves next to a targeted embedding
+        if name in existing and module.r[adapter_name] != r:
+            problems.append(f"{name}: adapter {adapter_name!r} has r={module.r[adapter_name]}")
+            continue
+        layers.append((name, r, alpha, A, B))
+    base_weights, embedding_parameters = [], _embedding_parameters(model, modules)
     for key in [key for key in tensors if key not in expected]:
-        parameter = _base_parameter(modules, key)
-        if parameter is None or parameter.shape != tensors[key].shape:
+        parameter = embedding_parameters.get(key)
+        if ".modules_to_save." in key:
+            problems.append(f"{key}: modules_to_save is not supported")
+        elif parameter is None:
             problems.append(f"unexpected key {key}")
+        elif parameter.shape != tensors[key].shape:
+            problems.append(
+                f"{key}: shape {tuple(tensors[key].shape)}, the model's is {tuple(parameter.shape)}"
+            )
+        elif any(p is parameter and not torch.equal(v, tensors[key]) for p, v in base_weights):
+            problems.append(f"{key}: a different value for a weight another key also sets")
         else:
             base_weights.append((parameter, tensors[key]))
-    existing = sorted(n for n, layer in lora_layers(model) if adapter_name in layer.A)
     if existing and existing != sorted(selected):
         problems.append(
             f"adapter {adapter_name!r} exists on {existing[:3]}... but the file has "
@@ -232,51 +400,131 @@ def load_adapter(
     if problems:
         shown = "; ".join(problems[:5])
         raise ValueError(f"adapter in {folder} does not fit the model ({len(problems)}): {shown}")
+    if existing:
+        check_unmerged(model, "load into an existing adapter")
+    _warn_fan_in_fan_out(config["fan_in_fan_out"], [(n, modules[n]) for n in selected])
+    return AdapterPlan(folder, config, adapter_name, bool(existing), layers, base_weights)
 
-    snapshot = _snapshot(model, [parameter for parameter, _ in base_weights])
+
+def _warn_fan_in_fan_out(fan_in_fan_out: bool, layers: list[tuple[str, nn.Module]]) -> None:
+    """PEFT corrects a fan_in_fan_out that does not fit a layer (True on a Linear, False on a
+    GPT-2 Conv1D) with a warning and loads; so does lowrank, whose factors' layout never
+    depends on it."""
+    for name, module in layers:
+        base = module.base_layer if isinstance(module, LoRALayer) else module
+        if isinstance(base, (nn.Embedding,)):
+            continue
+        conv = isinstance(module, LoRAConv1D) or is_conv1d(base)
+        if conv != fan_in_fan_out:
+            warnings.warn(
+                f"fan_in_fan_out={fan_in_fan_out} in the config, but {name!r} is a "
+                f"{'Conv1D' if conv else 'Linear'} layer; it is treated as one (as PEFT does)",
+                UserWarning,
+                stacklevel=4,
+            )
+            return
+
+
+def _embedding_parameters(
+    model: nn.Module, modules: dict[str, nn.Module]
+) -> dict[str, nn.Parameter]:
+    """Full weights PEFT saves next to the factors, by key: the input and output embedding
+    layers (`get_input_embeddings()` / `get_output_embeddings()` of a transformers model) when
+    they are targeted (`<path>.base_layer.weight`) or `save_embedding_layers` is set
+    (`<path>.weight`). Any other base weight in a file is refused: an adapter file that could
+    overwrite any weight of the model would not be an adapter."""
+    found = {}
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)()
+        except Exception:  # not a transformers model, or one without such a layer
+            continue
+        name = next((n for n, m in modules.items() if m is module and n), None)
+        if name is None:
+            continue
+        if name.endswith(".base_layer") and isinstance(
+            modules.get(name.removesuffix(".base_layer")), LoRALayer
+        ):
+            name = name.removesuffix(".base_layer")
+        layer = modules[name]
+        base = layer.base_layer if isinstance(layer, LoRALayer) else layer
+        for parameter_name, parameter in base.named_parameters(recurse=False):
+            found[f"{PREFIX}{name}.{parameter_name}"] = parameter
+            found[f"{PREFIX}{name}.base_layer.{parameter_name}"] = parameter
+    return found
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: AdapterPlan,
+    extra_weights: list[tuple[nn.Parameter, torch.Tensor]] = (),
+) -> None:
+    """Carry out a checked load, then copy `extra_weights` (checked by the caller: e.g. a
+    trained head); if anything fails half-way, the model is put back as it was."""
+    weights = [*plan.base_weights, *extra_weights]
+    snapshot = _snapshot(model, [parameter for parameter, _ in weights])
+    config = plan.config
     try:
         with torch.no_grad():
-            for parameter, value in base_weights:
+            for parameter, value in plan.base_weights:
                 parameter.copy_(value)
-        if existing:
-            check_unmerged(model, "load into an existing adapter")
-        else:
-            pattern = "|".join(re.escape(n) for n, *_ in plans)
-            add_lora(
-                model,
-                pattern,
-                r=config["r"],
-                alpha=config["lora_alpha"],
-                dropout=config.get("lora_dropout", 0.0),
-                adapter_name=adapter_name,
-                use_rslora=config.get("use_rslora", False),
-                rank_pattern={re.escape(n): r for n, r, *_ in plans},
-                alpha_pattern={re.escape(n): alpha for n, _, alpha, *_ in plans},
-            )
-        for name, _, alpha, A, B in plans:
+        if not plan.existing:
+            groups: dict[tuple[int, float], list[str]] = {}
+            for name, r, alpha, *_ in plan.layers:
+                groups.setdefault((r, alpha), []).append(name)
+            for (r, alpha), names in groups.items():  # exact names: a union of escaped ones
+                add_lora(
+                    model,
+                    "|".join(re.escape(n) for n in names),
+                    r=r,
+                    alpha=alpha,
+                    dropout=config["lora_dropout"],
+                    adapter_name=plan.adapter_name,
+                    use_rslora=config["use_rslora"],
+                )
+        for name, _, alpha, A, B in plan.layers:
             layer = model.get_submodule(name)
-            layer.alpha[adapter_name] = float(alpha)
-            layer.use_rslora[adapter_name] = bool(config.get("use_rslora", False))
+            layer.alpha[plan.adapter_name] = float(alpha)
+            layer.use_rslora[plan.adapter_name] = config["use_rslora"]
             with torch.no_grad():
-                layer.A[adapter_name].copy_(A)
-                layer.B[adapter_name].copy_(B)
+                layer.A[plan.adapter_name].copy_(A)
+                layer.B[plan.adapter_name].copy_(B)
+        with torch.no_grad():
+            for parameter, value in extra_weights:
+                parameter.copy_(value)
     except BaseException:
         _restore(model, snapshot)
         raise
+
+
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default"
+) -> nn.Module:
+    """Load a PEFT-layout LoRA adapter from folder `path` as adapter `adapter_name`.
+
+    If the model has no adapter of that name, the layers the config describes are wrapped
+    first (target_modules, r, lora_alpha, rank_pattern, alpha_pattern, use_rslora), as
+    `PeftModel.from_pretrained` does; if it has one on exactly those layers, its factors are
+    overwritten. Everything is checked before the model changes, and the model stays as it
+    was on any error:
+
+    - the config: each value checked as `add_lora` checks it (also when loading over an
+      existing adapter), fields lowrank does not implement refused by name, patterns matched
+      with a time limit (`lowrank._patterns`); bad JSON or a missing file is a ValueError
+      naming the file;
+    - the tensors: only LoRA factors of the selected layers and the embedding matrices PEFT
+      itself saves (`_embedding_parameters`); any other key is refused by name (PEFT would
+      load it into the model, so a file could change any base weight). Every tensor must be
+      floating point and finite;
+    - keys, shapes or ranks that do not fit raise ValueError naming the first mismatches.
+
+    The folder is read as one version (`lowrank._files.reading_folder`), so a concurrent
+    `save_adapter` cannot hand it the config of one adapter and the weights of another.
+    """
+    with reading_folder(path) as folder:
+        config, tensors = read_adapter_files(folder)
+    apply_plan(model, plan_load(model, folder, config, tensors, adapter_name))
     return model
-
-
-def _base_parameter(modules: dict[str, nn.Module], key: str) -> nn.Parameter | None:
-    """The model's weight that a key like base_model.model.<path>[.base_layer].weight names
-    (PEFT saves whole embedding matrices this way when they are targeted), or None."""
-    if not (key.startswith(PREFIX) and key.endswith(".weight")):
-        return None
-    path = key[len(PREFIX) : -len(".weight")].removesuffix(".base_layer")
-    module = modules.get(path)
-    if isinstance(module, LoRALayer):
-        module = module.base_layer
-    weight = getattr(module, "weight", None)
-    return weight if isinstance(weight, nn.Parameter) else None
 
 
 def _snapshot(model: nn.Module, weights: list[nn.Parameter]) -> dict:
