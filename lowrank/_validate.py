@@ -16,7 +16,7 @@ import numbers
 import warnings
 from collections.abc import Iterable
 
-QUANT_TYPES = ("nf4", "fp4", "int4")  # the 4-bit codebooks (`quant.code_for`)
+QUANT_TYPES = ("nf4", "fp4", "int4")  # the 4-bit codebooks (`codebooks.code_for`)
 INITS = ("kaiming", "gaussian")  # how LoRA's A is drawn (B always starts at zero)
 METHODS = ("full", "lora", "qlora")  # fine-tuning methods (accounting, estimator, CLI)
 FLOAT_DTYPES = ("fp32", "fp16", "bf16")  # storage names used by accounting and the estimator

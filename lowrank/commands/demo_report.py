@@ -3,7 +3,7 @@
 `format_table` is the comparison of the methods as a Markdown table, `format_summary` the whole
 summary (the table, then each check in a sentence or two), and `write_report` writes all of it,
 with the saved adapter as `adapter/`. The folder changes as a unit
-(`lowrank._files.write_folder_atomically`): a crash at any instant leaves the previous report or
+(`lowrank._folders.write_folder_atomically`): a crash at any instant leaves the previous report or
 this one, complete, never this report beside the previous run's adapter or plots.
 
     write_report(report, Path("lowrank-report"), adapter=saved)  # report: `demo.run_demo`'s dict
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowrank._files import copy_tree, write_folder_atomically
+from lowrank._folders import copy_tree, write_folder_atomically
 
 
 def format_table(rows: list[dict]) -> str:

@@ -6,8 +6,8 @@ The rows decide the task (`lowrank.data.read_jsonl`): {"text"} or {"prompt", "co
 rows train causal language modelling, {"text", "label"} rows sequence classification with a
 new head. The model comes from `lowrank.torch.hf`; LoRA adapters (Hu et al. 2021,
 arXiv:2106.09685), or QLoRA's NF4 base with adapters on every linear layer (Dettmers et al.
-2023, arXiv:2305.14314), from `lowrank.torch.add_lora`; the loop, log.jsonl and the saved
-adapter (PEFT layout) from `lowrank.torch.train`.
+2023, arXiv:2305.14314), from `lowrank.torch.add_lora`; the loop and log.jsonl from
+`lowrank.torch.train`, the saved adapter (PEFT layout) from `lowrank.torch.checkpoint`.
 """
 
 import argparse

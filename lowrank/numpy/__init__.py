@@ -10,18 +10,12 @@ from .analysis import (
     subspace_similarity,
     subspace_similarity_grid,
 )
+from .codebooks import dynamic_map, fp4_code, int4_code, nf4_code
 from .gradcheck import numerical_gradient, numerical_gradient_of_output, relative_error
 from .lora import Linear, LoRALinear, kaiming_uniform_A
 from .model import MLP, ReLU, add_lora, lora_layers, merge_lora, unmerge_lora
 from .optim import SGD, AdamW
 from .qlora import Linear4bit, QLoRALinear
-from .quant import (
-    Quantized4bit,
-    dequantize_4bit,
-    dynamic_map,
-    fp4_code,
-    int4_code,
-    nf4_code,
-    quantize_4bit,
-)
+from .quant import dequantize_4bit, quantize_4bit
+from .quantized import Quantized4bit
 from .train import accuracy, softmax_cross_entropy, train, train_step

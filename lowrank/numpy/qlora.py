@@ -22,13 +22,14 @@ import numpy as np
 from lowrank._validate import check_blocksize, check_bool, check_int, check_quant_type
 
 from .lora import Linear, LoRALinear
-from .quant import DOUBLE_QUANT_BLOCKSIZE, Quantized4bit, dequantize_4bit, quantize_4bit
+from .quant import dequantize_4bit, quantize_4bit
+from .quantized import DOUBLE_QUANT_BLOCKSIZE, Quantized4bit
 
 
 class Linear4bit:
     """A frozen linear layer stored in 4 bits: y = x @ W^T + b, W [out, in] decoded on the fly.
 
-    Attributes (the quantized weight, see `quant.Quantized4bit`):
+    Attributes (the quantized weight, see `quantized.Quantized4bit`):
         weight_packed  uint8 (ceil(out * in / 2),)  two codes per byte
         weight_absmax  float32 (n_blocks,), or uint8 codes with double quantization
         weight_offset  float32 (double quantization) or None

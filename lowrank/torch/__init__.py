@@ -19,6 +19,8 @@ from .analysis import (
     subspace_similarity_grid,
 )
 from .bnb_format import from_bnb_state_dict, to_bnb_state_dict
+from .checkpoint import load_trainable, save_trainable
+from .codebooks import dynamic_map, fp4_code, int4_code, nf4_code
 from .hf import (
     MeanPoolClassifier,
     accuracy,
@@ -43,23 +45,9 @@ from .model import (
     merged_copy,
     unmerge_lora,
 )
-from .peft_format import adapter_config, load_adapter, lora_state_dict, save_adapter
+from .peft_format import adapter_config, lora_state_dict, save_adapter
+from .peft_load import load_adapter
 from .qlora import Linear4bit
-from .quant import (
-    Quantized4bit,
-    dequantize_4bit,
-    dynamic_map,
-    fp4_code,
-    int4_code,
-    nf4_code,
-    quantize_4bit,
-)
-from .train import (
-    TrainConfig,
-    TrainResult,
-    cosine_with_warmup,
-    load_trainable,
-    save_trainable,
-    seed_everything,
-    train,
-)
+from .quant import dequantize_4bit, quantize_4bit
+from .quantized import Quantized4bit
+from .train import TrainConfig, TrainResult, cosine_with_warmup, seed_everything, train

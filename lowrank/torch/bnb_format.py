@@ -1,5 +1,5 @@
 """bitsandbytes' serialized 4-bit format: the state-dict entries its `Linear4bit` saves, read
-into and written from a `lowrank.torch.quant.Quantized4bit`.
+into and written from a `lowrank.torch.quantized.Quantized4bit`.
 
 The codes and scales need no conversion: `quant.quantize_4bit` is bit-identical to
 `bitsandbytes.functional.quantize_4bit` (tests/interop/test_bitsandbytes.py checks both
@@ -14,13 +14,12 @@ from collections.abc import Mapping
 import torch
 
 from lowrank._validate import ArgumentTypeError, check_blocksize
-from lowrank.torch.quant import (
+from lowrank.torch.codebooks import code_for, dynamic_map
+from lowrank.torch.quantized import (
     DOUBLE_QUANT_BLOCKSIZE,
     FLOAT32_MAX,
     Quantized4bit,
     check_quantized,
-    code_for,
-    dynamic_map,
 )
 
 # bitsandbytes' Linear4bit saves its weight as these state-dict entries (prefix "weight"):
@@ -40,7 +39,7 @@ _NESTED_ENTRIES = (".nested_absmax", ".nested_quant_map")  # state-dict entries
 def to_bnb_state_dict(q: Quantized4bit, prefix: str = "weight") -> dict[str, torch.Tensor]:
     """The state-dict entries bitsandbytes' `Linear4bit` saves for a weight quantized as `q`;
     `Params4bit.from_prequantized` (what transformers uses) loads them. `q` is checked first
-    (`quant.check_quantized`)."""
+    (`quantized.check_quantized`)."""
     check_quantized(q)
     if q.quant_type not in ("nf4", "fp4"):
         raise ValueError(f"bitsandbytes stores nf4 or fp4, not {q.quant_type!r}")

@@ -18,12 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank._validate import check_blocksize, check_bool, check_int, check_quant_type
-from lowrank.torch.quant import (
-    DOUBLE_QUANT_BLOCKSIZE,
-    Quantized4bit,
-    dequantize_4bit,
-    quantize_4bit,
-)
+from lowrank.torch.quant import dequantize_4bit, quantize_4bit
+from lowrank.torch.quantized import DOUBLE_QUANT_BLOCKSIZE, Quantized4bit
 
 
 class _Linear4bitFunction(torch.autograd.Function):
@@ -61,7 +57,7 @@ def _decode(layout, packed, absmax, offset, absmax2) -> torch.Tensor:
 class Linear4bit(nn.Module):
     """A frozen linear layer stored in 4 bits: y = x @ W^T + b, W [out, in] decoded on the fly.
 
-    Buffers (the quantized weight, see `lowrank.torch.quant.Quantized4bit`):
+    Buffers (the quantized weight, see `lowrank.torch.quantized.Quantized4bit`):
         weight_packed  uint8 [ceil(out * in / 2)]  two codes per byte
         weight_absmax  float32 [n_blocks], or uint8 codes with double quantization
         weight_offset  float32 [] (double quantization) or None

@@ -2,10 +2,11 @@
 
 Paper: Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs" (arXiv:2305.14314).
 The steps (blockwise absmax, nearest of 16 levels, two codes per byte, double quantization of
-the scales) and the code tables are explained in `lowrank/numpy/quant.py`; this file does the
-same float32 arithmetic with whole-tensor operations, so both give identical codes and identical
-float32 dequantized values, and both are bit-identical to `bitsandbytes.functional.quantize_4bit`.
-Reading and writing bitsandbytes' serialized 4-bit format is in `bnb_format.py`.
+the scales) are explained in `lowrank/numpy/quant.py`, the code tables in `codebooks.py`;
+this file does the same float32 arithmetic with whole-tensor operations, so both give identical
+codes and identical float32 dequantized values, and both are bit-identical to
+`bitsandbytes.functional.quantize_4bit`. The container `Quantized4bit` and its checks are in
+`quantized.py`; reading and writing bitsandbytes' serialized 4-bit format is in `bnb_format.py`.
 
 On CUDA the work is queued and the Python side reads back one value only: "does w hold NaN or
 inf?", which quantize's ValueError needs (a NaN or inf makes its block's absmax NaN or inf, so
@@ -25,127 +26,38 @@ double-quantized scale may lie above the true absmax, which near float16's 65504
 3.4e38 overflowed to inf; the true absmax is below the limit, so the clamp only brings the
 scale closer to it). Ordinary weights meet neither corner: bit-identity with bitsandbytes holds.
 
-`dequantize_4bit` checks its `Quantized4bit` first (`check_quantized`): sizes, dtypes, devices
-and flags are host-side metadata and always checked; the values (finite scales) only on CPU,
-so that decoding on CUDA still never waits for the device.
+`dequantize_4bit` checks its `Quantized4bit` first (`quantized.check_quantized`, which reads
+no values on CUDA: decoding there still never waits for the device).
 
 Under `torch.compile`, `dequantize_4bit` takes the plain tensor path even on CPU: Dynamo cannot
 trace NumPy code that works on a tensor's memory (it failed with a TorchRuntimeError, not a
 graph break), while it traces the tensor path whole (`fullgraph=True` works), and inductor can
 fuse the decode into the kernels around it; the code tables enter the graph as constants
-(`assume_constant_result`). A custom operator (`torch.library.custom_op`) wrapping quant_cpu
-was the other choice; it needs torch >= 2.4 (lowrank supports 2.1) and a second, fake kernel
-to keep in step, and it would hide the decode from inductor.
+(`assume_constant_result`, in `codebooks.py`). A custom operator (`torch.library.custom_op`)
+wrapping quant_cpu was the other choice; it needs torch >= 2.4 (lowrank supports 2.1) and a
+second, fake kernel to keep in step, and it would hide the decode from inductor.
 """
 
-import numbers
-from dataclasses import dataclass
-from functools import cache
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lowrank._validate import ArgumentTypeError, check_blocksize, check_bool, check_quant_type
+from lowrank._validate import check_blocksize, check_bool, check_quant_type
 from lowrank.numpy import quant as reference
-from lowrank.numpy.quant import DOUBLE_QUANT_BLOCKSIZE
 from lowrank.torch import quant_cpu
-from lowrank.torch.quant_cpu import FLOAT32_MAX, scale_limit
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_TINY = 1e-38  # stands in for an all-zero block's absmax when dividing (0 * 1e38 = 0)
-_LIFT = float(reference._LIFT)  # 2 ** 64: blocks below _TINY are multiplied by it first
-
-# torch >= 2.3 names these in torch.compiler; torch 2.1 and 2.2 only in torch._dynamo
-_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
-_constant_result = (
-    getattr(torch.compiler, "assume_constant_result", None) or torch._dynamo.assume_constant_result
+from lowrank.torch.codebooks import _pair_table, _search_table
+from lowrank.torch.quant_cpu import scale_limit
+from lowrank.torch.quantized import (
+    DOUBLE_QUANT_BLOCKSIZE,
+    FLOAT32_MAX,
+    FLOAT_DTYPES,
+    Quantized4bit,
+    _absmax_float32,
+    _is_compiling,
+    check_quantized,
 )
 
-
-def nf4_code(device: torch.device | str | None = None) -> torch.Tensor:
-    """The 16 NF4 levels, float32, ascending, index = code (bitsandbytes' table)."""
-    return torch.from_numpy(reference.nf4_code()).to(device)
-
-
-def fp4_code(device: torch.device | str | None = None) -> torch.Tensor:
-    """bitsandbytes' FP4 table, float32, index = bit pattern (bit 3 = sign)."""
-    return torch.from_numpy(reference.fp4_code()).to(device)
-
-
-def int4_code(device: torch.device | str | None = None) -> torch.Tensor:
-    """Symmetric absmax int4: code c holds (c - 8) / 7, float32."""
-    return torch.from_numpy(reference.int4_code()).to(device)
-
-
-def dynamic_map(device: torch.device | str | None = None) -> torch.Tensor:
-    """The signed 8-bit dynamic map (256 float32 levels) used for double quantization;
-    bit-identical to `bitsandbytes.functional.create_dynamic_map(signed=True)`."""
-    return torch.from_numpy(reference.dynamic_map()).to(device)
-
-
-def code_for(quant_type: str, device: torch.device | str | None = None) -> torch.Tensor:
-    """The 16-level table of `quant_type` ("nf4", "fp4" or "int4"), index = 4-bit code."""
-    return torch.from_numpy(reference.code_for(quant_type)).to(device)
-
-
-@dataclass(frozen=True, eq=False)
-class Quantized4bit:
-    """A 4-bit blockwise-quantized tensor (see `lowrank.numpy.quant.Quantized4bit`).
-
-    packed:  uint8 [ceil(n / 2)], element 2j in the high nibble.
-    absmax:  float32 [n_blocks], or uint8 [n_blocks] codes of (absmax - offset) with double quant.
-    offset:  float32 0-d tensor (double quantization) or None.
-    absmax2: float32 [ceil(n_blocks / 256)] (double quantization) or None.
-    """
-
-    packed: torch.Tensor
-    absmax: torch.Tensor
-    offset: torch.Tensor | None
-    absmax2: torch.Tensor | None
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    blocksize: int
-    quant_type: str
-    double_quant: bool
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes that must be stored: codes, scales, and with double quantization their
-        scales and the float32 offset (code tables are constants)."""
-        check_quantized(self, values=False)  # sizes only (also on the meta device)
-        total = _nbytes(self.packed) + _nbytes(self.absmax)
-        if self.double_quant:
-            total += _nbytes(self.absmax2) + 4
-        return total
-
-    @property
-    def device(self) -> torch.device:
-        return self.packed.device
-
-    def absmax_float32(self) -> torch.Tensor:
-        """Block scales, float32 [n_blocks]; with double quantization
-        `dynamic_map()[code] * absmax2[j // 256] + offset`, clamped to +-float32 max."""
-        check_quantized(self)
-        return _absmax_float32(self)
-
-    def to(self, device: torch.device | str) -> "Quantized4bit":
-        """The same quantized tensor on `device`."""
-
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
-
-        return Quantized4bit(
-            packed=move(self.packed),
-            absmax=move(self.absmax),
-            offset=move(self.offset),
-            absmax2=move(self.absmax2),
-            shape=self.shape,
-            dtype=self.dtype,
-            blocksize=self.blocksize,
-            quant_type=self.quant_type,
-            double_quant=self.double_quant,
-        )
+_TINY = 1e-38  # stands in for an all-zero block's absmax when dividing (0 * 1e38 = 0)
+_LIFT = float(reference._LIFT)  # 2 ** 64: blocks below _TINY are multiplied by it first
 
 
 def quantize_4bit(
@@ -213,99 +125,6 @@ def dequantize_4bit(q: Quantized4bit) -> torch.Tensor:
             double_quant=q.double_quant,
         )
     return _dequantize(q)
-
-
-def check_quantized(q: Quantized4bit, *, values: bool = True) -> None:
-    """Refuse a `Quantized4bit` whose fields do not describe one quantized tensor (the rules of
-    `lowrank.numpy.quant.check_quantized`, naming the field and what was expected).
-
-    Metadata, always checked (free: nothing is read from the device): `quant_type`,
-    `blocksize`, `double_quant`; `shape` a tuple of non-negative ints with n >= 1 elements;
-    `dtype` one of FLOAT_DTYPES; `packed` uint8 [ceil(n / 2)] exactly (a shape needing fewer
-    codes is refused, never truncated); `absmax` [ceil(n / blocksize)], float32, or uint8 with
-    double quantization, which also needs `offset` (float32 0-d) and `absmax2` (float32
-    [ceil(n_blocks / 256)]), both None without it; all on `packed`'s device.
-    Values, with `values`, on CPU only: the float32 scales and the offset must be finite
-    (O(n_blocks); `packed` is never read). On CUDA, and while torch.compile traces, the values
-    are not checked, so that `dequantize_4bit` adds no host sync and no graph break.
-    Wrong types raise `ArgumentTypeError` (a TypeError and a ValueError), inconsistent values
-    `ValueError`.
-    """
-    if not isinstance(q, Quantized4bit):
-        raise ArgumentTypeError(f"expected a Quantized4bit, got {type(q).__name__}")
-    check_quant_type(q.quant_type)
-    check_blocksize(q.blocksize)
-    check_bool("Quantized4bit.double_quant", q.double_quant)
-    n = _check_shape(q.shape)
-    if not isinstance(q.dtype, torch.dtype) or q.dtype not in FLOAT_DTYPES:
-        raise ArgumentTypeError(
-            f"Quantized4bit.dtype must be one of {FLOAT_DTYPES} (the quantized tensor's), "
-            f"got {q.dtype!r}"
-        )
-    where = f"for shape {q.shape} (n = {n})"
-    _check_tensor(q, "packed", torch.uint8, (-(-n // 2),), f"ceil(n / 2) bytes {where}")
-    n_blocks = -(-n // q.blocksize)
-    blocks = f"ceil(n / blocksize) = ceil({n} / {q.blocksize}) entries {where}"
-    if not q.double_quant:
-        _check_tensor(q, "absmax", torch.float32, (n_blocks,), f"{blocks}, as double_quant=False")
-        for name in ("offset", "absmax2"):
-            if getattr(q, name) is not None:
-                raise ValueError(f"Quantized4bit.{name} must be None without double quantization")
-        scales = {"absmax": q.absmax}
-    else:
-        what = f"{blocks}, codes as double_quant=True"
-        _check_tensor(q, "absmax", torch.uint8, (n_blocks,), what)
-        n_blocks2 = -(-n_blocks // DOUBLE_QUANT_BLOCKSIZE)
-        what = f"ceil(n_blocks / 256) = {n_blocks2} entries"
-        _check_tensor(q, "absmax2", torch.float32, (n_blocks2,), what)
-        if q.offset is None:
-            raise ValueError("Quantized4bit.offset is missing: double quantization needs it")
-        _check_tensor(q, "offset", torch.float32, (), "a 0-d tensor, the mean of the scales")
-        scales = {"absmax2": q.absmax2, "offset": q.offset}
-    if values and q.packed.device.type == "cpu" and not _is_compiling():
-        for name, t in scales.items():  # NumPy: ~10x quicker than torch for this on CPU
-            if not np.isfinite(t.detach().numpy()).all():
-                raise ValueError(f"Quantized4bit.{name} must be finite (it holds NaN or inf)")
-
-
-def _check_shape(shape: object) -> int:
-    """The number of elements of a valid `Quantized4bit.shape` (plain loops: Dynamo traces
-    this, and it takes no generator expressions)."""
-    if not isinstance(shape, tuple):
-        raise ArgumentTypeError(f"Quantized4bit.shape must be a tuple of ints, got {shape!r}")
-    n = 1
-    for size in shape:
-        if not isinstance(size, numbers.Integral) or isinstance(size, bool):
-            raise ArgumentTypeError(f"Quantized4bit.shape must be a tuple of ints, got {shape!r}")
-        if size < 0:
-            n = 0
-        n *= int(size)
-    if n == 0:
-        raise ValueError(
-            f"Quantized4bit.shape must be non-negative sizes holding at least one element, "
-            f"got {shape}"
-        )
-    return n
-
-
-def _check_tensor(
-    q: Quantized4bit, name: str, dtype: torch.dtype, shape: tuple[int, ...], what: str
-) -> None:
-    """`q.<name>` must be a `dtype` tensor of `shape` on `q.packed`'s device."""
-    t = getattr(q, name)
-    if not isinstance(t, torch.Tensor) or t.dtype != dtype:
-        got = f"a {t.dtype} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ArgumentTypeError(
-            f"Quantized4bit.{name} must be a {dtype} tensor ({what}), got {got}"
-        )
-    if tuple(t.shape) != shape:
-        raise ValueError(
-            f"Quantized4bit.{name} must have shape {list(shape)} ({what}), got {list(t.shape)}"
-        )
-    if name != "packed" and t.device != q.packed.device:
-        raise ValueError(
-            f"Quantized4bit.{name} is on {t.device}, but packed is on {q.packed.device}"
-        )
 
 
 def pack_4bit(codes: torch.Tensor, pad_code: int = 0) -> torch.Tensor:
@@ -387,72 +206,10 @@ def _dequantize(q: Quantized4bit) -> torch.Tensor:
     return blocks.reshape(-1)[:n].reshape(q.shape).to(q.dtype)
 
 
-def _absmax_float32(q: Quantized4bit) -> torch.Tensor:
-    """`Quantized4bit.absmax_float32` for a checked `q`. The rebuilt scale is the nearest 8-bit
-    level (times absmax2, plus offset), which may lie above the true absmax: near float32's top
-    that rounds to inf, so it is clamped (only towards the true absmax, which is finite)."""
-    if not q.double_quant:
-        return q.absmax
-    table = _dynamic_map(q.device)  # [256]
-    scales = _block_scales(q.absmax2, DOUBLE_QUANT_BLOCKSIZE, q.absmax.numel())
-    return (table[q.absmax.long()] * scales + q.offset).clamp_(-FLOAT32_MAX, FLOAT32_MAX)
-
-
 def _levels(packed: torch.Tensor, quant_type: str) -> torch.Tensor:
     """The level of every nibble in `packed` [m], in order (high nibble first), float32 [2 * m]."""
     table = _pair_table(quant_type, packed.device)  # [256, 2]
     return table[packed.long()].reshape(-1)
-
-
-@dataclass(frozen=True)
-class _Search:
-    midpoints: torch.Tensor  # float32 [levels - 1], between the sorted levels
-    order: torch.Tensor | None  # uint8 [levels]: sorted position -> code (None: identity)
-    pad_code: int  # the code of 0.0
-
-
-@cache
-def _search_table(table: str, device: torch.device) -> _Search:
-    """Search tables for `table` ("nf4", "fp4", "int4" or "dynamic"), as in
-    `lowrank.numpy.quant._nearest_code`: levels sorted stably, float32 midpoints."""
-    code = reference.dynamic_map() if table == "dynamic" else reference.code_for(table)
-    order = np.argsort(code, kind="stable").astype(np.uint8)
-    levels = code[order]
-    midpoints = (levels[:-1] + levels[1:]) / np.float32(2.0)
-    is_sorted = np.array_equal(order, np.arange(order.size))
-    return _Search(
-        midpoints=torch.from_numpy(midpoints).to(device),
-        order=None if is_sorted else torch.from_numpy(order).to(device),
-        pad_code=int(order[np.searchsorted(midpoints, 0.0, side="left")]),
-    )
-
-
-_TABLES: dict[tuple, torch.Tensor] = {}  # the decode tables, built once per device
-
-
-@_constant_result  # under torch.compile: called once while tracing, a constant of the graph
-def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
-    """[256, 2] float32: the levels of byte b's high and low nibble."""
-    key = ("pairs", quant_type, device)
-    if key not in _TABLES:
-        code = code_for(quant_type)
-        byte = torch.arange(256)
-        _TABLES[key] = torch.stack([code[byte >> 4], code[byte & 0x0F]], dim=1).to(device)
-    return _TABLES[key]
-
-
-@_constant_result
-def _dynamic_map(device: torch.device) -> torch.Tensor:
-    """[256] float32, `dynamic_map()` on `device`."""
-    key = ("dynamic", device)
-    if key not in _TABLES:
-        _TABLES[key] = dynamic_map(device)
-    return _TABLES[key]
-
-
-def _block_scales(absmax: torch.Tensor, blocksize: int, n: int) -> torch.Tensor:
-    """Each element's block scale, [n]."""
-    return absmax.repeat_interleave(blocksize)[:n]
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -460,7 +217,3 @@ def _numel(shape: tuple[int, ...]) -> int:
     for size in shape:
         n *= size
     return n
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()

@@ -13,7 +13,8 @@ with benchmarks/bench_quant.py (4096 x 4096, 2 cores) when these kernels went in
 
 tests/torch/test_quant_cpu.py checks that every kernel here is bit-identical to the tensor path
 in `lowrank.torch.quant` (codes, scales, packed bytes and dequantized values, across chunk
-seams). This file imports only the NumPy reference tables, never `lowrank.torch.quant`.
+seams). This file imports only the NumPy reference and the format's constants
+(`lowrank.torch.quantized`), never `lowrank.torch.quant`.
 """
 
 import math
@@ -27,10 +28,11 @@ import numpy as np
 import torch
 
 from lowrank.numpy import quant as reference
-from lowrank.numpy.quant import DOUBLE_QUANT_BLOCKSIZE
+from lowrank.numpy import quantized as reference_quantized
+from lowrank.numpy.codebooks import code_for, dynamic_map
+from lowrank.torch.quantized import DOUBLE_QUANT_BLOCKSIZE, FLOAT32_MAX
 
 _TINY = 1e-38  # stands in for an all-zero block's absmax when dividing (0 * 1e38 = 0)
-FLOAT32_MAX = float(reference.FLOAT32_MAX)  # no decoded scale goes beyond it
 # Values per task, so that a task's temporaries (about 20 bytes per value when quantizing, 10
 # when decoding) stay in the caches while it runs; measured on 4096 x 4096.
 _QUANTIZE_CHUNK = 1 << 18
@@ -114,7 +116,7 @@ def dequantize(
     quant_type: str,
     double_quant: bool,
 ) -> torch.Tensor:
-    """`code[c] * absmax[block]` in float32 from the fields of a CPU `quant.Quantized4bit`,
+    """`code[c] * absmax[block]` in float32 from the fields of a CPU `quantized.Quantized4bit`,
     returned as `dtype`, shape `shape` (n elements).
 
     packed:  uint8 [ceil(n / 2)], element 2j in the high nibble.
@@ -172,8 +174,10 @@ def _scales(
     codes = absmax.numpy()  # uint8 [n_blocks]
     scales = np.repeat(absmax2.numpy(), DOUBLE_QUANT_BLOCKSIZE)[: codes.size]  # [n_blocks]
     with np.errstate(over="ignore"):  # beyond float32: clamped just below
-        rebuilt = reference.dynamic_map()[codes] * scales + offset.numpy()
-    return np.clip(rebuilt, -reference.FLOAT32_MAX, reference.FLOAT32_MAX, out=rebuilt)
+        rebuilt = dynamic_map()[codes] * scales + offset.numpy()
+    return np.clip(
+        rebuilt, -reference_quantized.FLOAT32_MAX, reference_quantized.FLOAT32_MAX, out=rebuilt
+    )
 
 
 def scale_limit(dtype: torch.dtype) -> float:
@@ -259,7 +263,7 @@ class _Search:
 def _search_table(table: str) -> _Search:
     """Cell tables for `table` ("nf4", "fp4", "int4" or "dynamic"), from the same float32
     midpoints as `lowrank.numpy.quant._nearest_code` (levels sorted stably)."""
-    code = reference.dynamic_map() if table == "dynamic" else reference.code_for(table)
+    code = dynamic_map() if table == "dynamic" else code_for(table)
     order = np.argsort(code, kind="stable").astype(np.uint8)
     levels = code[order]
     midpoints = (levels[:-1] + levels[1:]) / np.float32(2.0)  # float32 [levels - 1]
@@ -284,6 +288,6 @@ def _search_table(table: str) -> _Search:
 @cache
 def _pair_table(quant_type: str) -> np.ndarray:
     """[256, 2] float32: the levels of byte b's high and low nibble."""
-    code = reference.code_for(quant_type)  # [16]
+    code = code_for(quant_type)  # [16]
     byte = np.arange(256)
     return np.stack([code[byte >> 4], code[byte & 0x0F]], axis=1)

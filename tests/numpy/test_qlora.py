@@ -15,7 +15,8 @@ from lowrank.numpy import (
     quantize_4bit,
     relative_error,
 )
-from lowrank.numpy.quant import code_for, unpack_4bit
+from lowrank.numpy.codebooks import code_for
+from lowrank.numpy.quant import unpack_4bit
 
 
 def make_layer(quant_type="nf4", use_rslora=False, bias=True, seed=0):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from lowrank._validate import ArgumentTypeError
 from lowrank.torch import dequantize_4bit, from_bnb_state_dict, quantize_4bit, to_bnb_state_dict
-from lowrank.torch.quant import code_for, dynamic_map
+from lowrank.torch.codebooks import code_for, dynamic_map
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

@@ -52,11 +52,11 @@ def build(which):
 CHILD = (
     BUILD
     + """
-import lowrank._files as files
+import lowrank._folders as folders
 from lowrank.torch import save_adapter
 
 if FALLBACK:
-    files._exchange = lambda first, second: False  # the portable swap: rename aside, rename in
+    folders._exchange = lambda first, second: False  # the portable swap: rename aside, rename in
 models = [build(0), build(1)]
 READY.set()
 i = START
@@ -171,11 +171,11 @@ STEP_CHILD = (
     + """
 import os
 import shutil
-import lowrank._files as files
+import lowrank._folders as folders
 from lowrank.torch import save_adapter
 
 if FALLBACK:
-    files._exchange = lambda first, second: False
+    folders._exchange = lambda first, second: False
 count = [0]
 
 
@@ -191,7 +191,7 @@ def dying(function):
 
 for name in ("rename", "replace", "mkdir", "link", "unlink", "rmdir", "fsync", "chmod"):
     setattr(os, name, dying(getattr(os, name)))
-files._exchange = dying(files._exchange)
+folders._exchange = dying(folders._exchange)
 save_adapter(build(WHICH), FOLDER)
 os._exit(0)
 """

@@ -10,8 +10,11 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from quant_bounds import BFLOAT16_MAX, EDGE_VALUES
 
-from lowrank.torch import quant, quant_cpu
-from lowrank.torch.quant import code_for, dequantize_4bit, quantize_4bit
+from lowrank.numpy import codebooks as np_codebooks
+from lowrank.torch import codebooks, quant, quant_cpu
+from lowrank.torch.codebooks import code_for
+from lowrank.torch.quant import dequantize_4bit, quantize_4bit
+from lowrank.torch.quantized import Quantized4bit
 
 QUANT_TYPES = ["nf4", "fp4", "int4"]
 
@@ -19,12 +22,12 @@ QUANT_TYPES = ["nf4", "fp4", "int4"]
 def tricky_scaled_values(table: str) -> torch.Tensor:
     """Values in [-1, 1] that test a nearest-level search: every float32 midpoint and its two
     neighbouring floats, the levels, zeros, the ends, and random values."""
-    search = quant._search_table(table, torch.device("cpu"))
+    search = codebooks._search_table(table, torch.device("cpu"))
     mids = search.midpoints
     up = torch.nextafter(mids, torch.tensor(2.0))
     down = torch.nextafter(mids, torch.tensor(-2.0))
     levels = torch.from_numpy(
-        quant.reference.dynamic_map() if table == "dynamic" else quant.reference.code_for(table)
+        np_codebooks.dynamic_map() if table == "dynamic" else np_codebooks.code_for(table)
     )
     special = torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 1.0000001, -1.0000001])
     rand = torch.rand(20000, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -97,7 +100,7 @@ def test_cpu_dequantize_non_finite_scales_equal_tensor_dequantize(dtype):
     to the dtype's max for float16/bfloat16, NaN through torch's cast)."""
     q = quantize_4bit(torch.randn(4, 64), blocksize=64, double_quant=False)
     absmax = torch.tensor([1.0, float("inf"), float("nan"), 0.5])
-    q = quant.Quantized4bit(q.packed, absmax, None, None, (4, 64), dtype, 64, "nf4", False)
+    q = Quantized4bit(q.packed, absmax, None, None, (4, 64), dtype, 64, "nf4", False)
     with pytest.raises(ValueError, match="absmax must be finite"):
         dequantize_4bit(q)
     fast = quant_cpu.dequantize(

@@ -1,0 +1,280 @@
+"""Loading a PEFT-layout LoRA adapter into a model: plan, check, apply, roll back.
+
+The file format itself (keys, adapter_config.json, reading and checking the two files) is
+`peft_format.py`; this module fits what was read to a model (Hu et al. 2021,
+arXiv:2106.09685): `plan_load` checks keys, shapes and ranks without changing the model,
+`apply_plan` wraps the layers and copies the factors, and puts the model back as it was if
+anything fails half-way. The folder is read as one version (`lowrank._folders.reading_folder`).
+What a file may change, and where lowrank differs from PEFT there: `peft_format`'s docstring.
+"""
+
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowrank import _patterns
+from lowrank._folders import reading_folder
+from lowrank._validate import check_adapter_name
+from lowrank.torch.adapters import check_unmerged
+from lowrank.torch.lora import LoRAConv1D, LoRAEmbedding, LoRALayer
+from lowrank.torch.model import (
+    add_lora,
+    features,
+    is_conv1d,
+    lora_layers,
+    match_targets,
+    replace_module,
+)
+from lowrank.torch.peft_format import CONFIG_NAME, PREFIX, _keys, read_adapter_files
+
+
+@dataclass
+class AdapterPlan:
+    """A checked adapter load: what `apply_plan` will do to the model."""
+
+    folder: Path
+    config: dict
+    adapter_name: str
+    existing: bool  # the model already has this adapter on exactly these layers
+    layers: list[tuple[str, int, float, torch.Tensor, torch.Tensor]]  # (name, r, alpha, A, B)
+    base_weights: list[tuple[nn.Parameter, torch.Tensor]]  # saved embedding matrices
+
+
+def plan_load(
+    model: nn.Module,
+    folder: Path,
+    config: dict,
+    tensors: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+) -> AdapterPlan:
+    """Check a config and its tensors against the model without changing it: keys, shapes,
+    ranks, the existing adapter. ValueError naming the first mismatches."""
+    check_adapter_name(adapter_name)
+    modules = dict(model.named_modules())
+    try:
+        with _patterns.time_limit():  # every pattern of the file shares one deadline
+            selected = match_targets(
+                model, config["target_modules"], every_pattern_must_match=False
+            )
+            ranks = _patterns.pattern_values(config["rank_pattern"], selected, config["r"])
+            alphas = _patterns.pattern_values(
+                config["alpha_pattern"], selected, config["lora_alpha"]
+            )
+    except ValueError as error:
+        raise ValueError(f"{folder / CONFIG_NAME}: {error}") from None
+    existing = sorted(n for n, layer in lora_layers(model) if adapter_name in layer.A)
+    problems, layers, expected = [], [], set()
+    for name in selected:
+        module = modules[name]
+        key_A, key_B = _keys(name, isinstance(module, (nn.Embedding, LoRAEmbedding)))
+        expected.update((key_A, key_B))
+        if key_A not in tensors or key_B not in tensors:
+            problems.append(f"missing {key_A if key_A not in tensors else key_B}")
+            continue
+        A, B = tensors[key_A], tensors[key_B]
+        in_features, out_features = features(module)
+        r, alpha = ranks[name], alphas[name]
+        if A.shape != (r, in_features) or B.shape != (out_features, r):
+            problems.append(
+                f"{name}: A {tuple(A.shape)}, B {tuple(B.shape)} but the layer and r={r} need "
+                f"A {(r, in_features)}, B {(out_features, r)}"
+            )
+            continue
+        if name in existing and module.r[adapter_name] != r:
+            problems.append(f"{name}: adapter {adapter_name!r} has r={module.r[adapter_name]}")
+            continue
+        layers.append((name, r, alpha, A, B))
+    base_weights, embedding_parameters = [], _embedding_parameters(model, modules)
+    for key in [key for key in tensors if key not in expected]:
+        parameter = embedding_parameters.get(key)
+        if ".modules_to_save." in key:
+            problems.append(f"{key}: modules_to_save is not supported")
+        elif parameter is None:
+            problems.append(f"unexpected key {key}")
+        elif parameter.shape != tensors[key].shape:
+            problems.append(
+                f"{key}: shape {tuple(tensors[key].shape)}, the model's is {tuple(parameter.shape)}"
+            )
+        elif any(p is parameter and not torch.equal(v, tensors[key]) for p, v in base_weights):
+            problems.append(f"{key}: a different value for a weight another key also sets")
+        else:
+            base_weights.append((parameter, tensors[key]))
+    if existing and existing != sorted(selected):
+        problems.append(
+            f"adapter {adapter_name!r} exists on {existing[:3]}... but the file has "
+            f"{sorted(selected)[:3]}..."
+        )
+    if not selected:
+        problems.append(f"target_modules {config['target_modules']!r} select no layer")
+    if problems:
+        shown = "; ".join(problems[:5])
+        raise ValueError(f"adapter in {folder} does not fit the model ({len(problems)}): {shown}")
+    if existing:
+        check_unmerged(model, "load into an existing adapter")
+    _warn_fan_in_fan_out(config["fan_in_fan_out"], [(n, modules[n]) for n in selected])
+    return AdapterPlan(folder, config, adapter_name, bool(existing), layers, base_weights)
+
+
+def _warn_fan_in_fan_out(fan_in_fan_out: bool, layers: list[tuple[str, nn.Module]]) -> None:
+    """PEFT corrects a fan_in_fan_out that does not fit a layer (True on a Linear, False on a
+    GPT-2 Conv1D) with a warning and loads; so does lowrank, whose factors' layout never
+    depends on it."""
+    for name, module in layers:
+        base = module.base_layer if isinstance(module, LoRALayer) else module
+        if isinstance(base, (nn.Embedding,)):
+            continue
+        conv = isinstance(module, LoRAConv1D) or is_conv1d(base)
+        if conv != fan_in_fan_out:
+            warnings.warn(
+                f"fan_in_fan_out={fan_in_fan_out} in the config, but {name!r} is a "
+                f"{'Conv1D' if conv else 'Linear'} layer; it is treated as one (as PEFT does)",
+                UserWarning,
+                stacklevel=4,
+            )
+            return
+
+
+def _embedding_parameters(
+    model: nn.Module, modules: dict[str, nn.Module]
+) -> dict[str, nn.Parameter]:
+    """Full weights PEFT saves next to the factors, by key: the input and output embedding
+    layers (`get_input_embeddings()` / `get_output_embeddings()` of a transformers model) when
+    they are targeted (`<path>.base_layer.weight`) or `save_embedding_layers` is set
+    (`<path>.weight`). Any other base weight in a file is refused: an adapter file that could
+    overwrite any weight of the model would not be an adapter."""
+    found = {}
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)()
+        except Exception:  # not a transformers model, or one without such a layer
+            continue
+        name = next((n for n, m in modules.items() if m is module and n), None)
+        if name is None:
+            continue
+        if name.endswith(".base_layer") and isinstance(
+            modules.get(name.removesuffix(".base_layer")), LoRALayer
+        ):
+            name = name.removesuffix(".base_layer")
+        layer = modules[name]
+        base = layer.base_layer if isinstance(layer, LoRALayer) else layer
+        for parameter_name, parameter in base.named_parameters(recurse=False):
+            found[f"{PREFIX}{name}.{parameter_name}"] = parameter
+            found[f"{PREFIX}{name}.base_layer.{parameter_name}"] = parameter
+    return found
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: AdapterPlan,
+    extra_weights: list[tuple[nn.Parameter, torch.Tensor]] = (),
+) -> None:
+    """Carry out a checked load, then copy `extra_weights` (checked by the caller: e.g. a
+    trained head); if anything fails half-way, the model is put back as it was."""
+    weights = [*plan.base_weights, *extra_weights]
+    snapshot = _snapshot(model, [parameter for parameter, _ in weights])
+    config = plan.config
+    try:
+        with torch.no_grad():
+            for parameter, value in plan.base_weights:
+                parameter.copy_(value)
+        if not plan.existing:
+            groups: dict[tuple[int, float], list[str]] = {}
+            for name, r, alpha, *_ in plan.layers:
+                groups.setdefault((r, alpha), []).append(name)
+            for (r, alpha), names in groups.items():  # exact names: a union of escaped ones
+                add_lora(
+                    model,
+                    "|".join(re.escape(n) for n in names),
+                    r=r,
+                    alpha=alpha,
+                    dropout=config["lora_dropout"],
+                    adapter_name=plan.adapter_name,
+                    use_rslora=config["use_rslora"],
+                )
+        for name, _, alpha, A, B in plan.layers:
+            layer = model.get_submodule(name)
+            layer.alpha[plan.adapter_name] = float(alpha)
+            layer.use_rslora[plan.adapter_name] = config["use_rslora"]
+            with torch.no_grad():
+                layer.A[plan.adapter_name].copy_(A)
+                layer.B[plan.adapter_name].copy_(B)
+        with torch.no_grad():
+            for parameter, value in extra_weights:
+                parameter.copy_(value)
+    except BaseException:
+        _restore(model, snapshot)
+        raise
+
+
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default"
+) -> nn.Module:
+    """Load a PEFT-layout LoRA adapter from folder `path` as adapter `adapter_name`.
+
+    If the model has no adapter of that name, the layers the config describes are wrapped
+    first (target_modules, r, lora_alpha, rank_pattern, alpha_pattern, use_rslora), as
+    `PeftModel.from_pretrained` does; if it has one on exactly those layers, its factors are
+    overwritten. Everything is checked before the model changes, and the model stays as it
+    was on any error:
+
+    - the config: each value checked as `add_lora` checks it (also when loading over an
+      existing adapter), fields lowrank does not implement refused by name, patterns matched
+      with a time limit (`lowrank._patterns`); bad JSON or a missing file is a ValueError
+      naming the file;
+    - the tensors: only LoRA factors of the selected layers and the embedding matrices PEFT
+      itself saves (`_embedding_parameters`); any other key is refused by name (PEFT would
+      load it into the model, so a file could change any base weight). Every tensor must be
+      floating point and finite;
+    - keys, shapes or ranks that do not fit raise ValueError naming the first mismatches.
+
+    The folder is read as one version (`lowrank._folders.reading_folder`), so a concurrent
+    `save_adapter` cannot hand it the config of one adapter and the weights of another.
+    """
+    with reading_folder(path) as folder:
+        config, tensors = read_adapter_files(folder)
+    apply_plan(model, plan_load(model, folder, config, tensors, adapter_name))
+    return model
+
+
+def _snapshot(model: nn.Module, weights: list[nn.Parameter]) -> dict:
+    """Enough to put the model back: its modules, adapter factors, flags, requires_grad and
+    the values of `weights` (base weights about to be overwritten)."""
+    return {
+        "weights": [(weight, weight.detach().clone()) for weight in weights],
+        "modules": dict(model.named_modules()),
+        "requires_grad": {p: p.requires_grad for p in model.parameters()},
+        "layers": {
+            name: (
+                layer.active_adapter,
+                {n: (layer.A[n].detach().clone(), layer.B[n].detach().clone()) for n in layer.A},
+                dict(layer.alpha),
+                dict(layer.use_rslora),
+            )
+            for name, layer in lora_layers(model)
+        },
+    }
+
+
+def _restore(model: nn.Module, snapshot: dict) -> None:
+    for name, layer in list(lora_layers(model)):
+        if name not in snapshot["layers"]:
+            replace_module(model, name, snapshot["modules"][name])
+            continue
+        active, factors, alpha, use_rslora = snapshot["layers"][name]
+        for adapter in [n for n in layer.A if n not in factors]:
+            layer.delete_adapter(adapter)
+        with torch.no_grad():
+            for adapter, (A, B) in factors.items():
+                layer.A[adapter].copy_(A)
+                layer.B[adapter].copy_(B)
+        layer.active_adapter, layer.alpha, layer.use_rslora = active, alpha, use_rslora
+    for parameter, flag in snapshot["requires_grad"].items():
+        parameter.requires_grad_(flag)
+    with torch.no_grad():
+        for weight, value in snapshot["weights"]:
+            weight.copy_(value)
