@@ -25,6 +25,9 @@ part. A 4-bit base (`qlora.Linear4bit`) drops in without changing a line here. T
 wrapper holds several named adapters, so its r, alpha and scale are dicts keyed by name where
 this one holds the values themselves.
 
+(About 330 lines: the plain `Linear` lives here beside the LoRALinear that wraps it; torch has
+nn.Linear for that.)
+
 Dtype: layers compute in float64 (the reference precision, needed for gradient checks); a
 float32 weight stays float32, anything else is converted to float64.
 """

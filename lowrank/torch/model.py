@@ -16,7 +16,7 @@ match the whole qualified name.
     add_lora(model, ["q_proj", "v_proj"], r=8, alpha=16)   # every q_proj and v_proj
     merge_lora(model)                                       # W <- W + scale * B @ A
 
-(About 350 lines: selecting, wrapping, merging and counting one model read best together.)
+(About 370 lines: selecting, wrapping, merging and counting one model read best together.)
 """
 
 import copy
