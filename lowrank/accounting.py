@@ -19,6 +19,12 @@ activations to `training_memory` for a whole training step.
 Units: bytes are plain integers. `format_bytes` prints decimal units (GB = 10^9 bytes, as the
 papers write them) with the binary unit (GiB = 2^30 bytes) beside it; "35MB" in the LoRA paper
 is 37.7e6 bytes = 36.0 MiB.
+
+Constants: `DTYPE_BITS` maps each storage dtype ("fp32", "fp16", "bf16", "int8", "nf4", "fp4")
+to its bits per weight before quantization constants; `QUANTIZED_DTYPES` are the ones applied
+to the blocks' linear weights only, `FOUR_BIT_DTYPES` QLoRA's two; `OPTIMIZERS` the optimizers
+`training_memory` knows; `DOUBLE_QUANT_BLOCKSIZE` (256) the block scales that share one fp32
+scale under double quantization.
 """
 
 import math
@@ -43,6 +49,26 @@ DTYPE_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "nf4": 4, "fp4": 4}
 # bitsandbytes' double quantization quantizes the fp32 absmax values in blocks of 256.
 DOUBLE_QUANT_BLOCKSIZE = 256
 
+__all__ = [
+    "DOUBLE_QUANT_BLOCKSIZE",
+    "DTYPE_BITS",
+    "FOUR_BIT_DTYPES",
+    "OPTIMIZERS",
+    "QUANTIZED_DTYPES",
+    "MemoryBreakdown",
+    "ParamCounts",
+    "adapter_checkpoint_bytes",
+    "bits_per_weight",
+    "format_bytes",
+    "format_count",
+    "lora_parameters",
+    "lora_target_shapes",
+    "param_counts",
+    "tensor_bytes",
+    "training_memory",
+    "weight_bytes",
+]
+
 
 def _as_targets(targets: Iterable[str]) -> tuple[str, ...]:
     """A target name or names as a tuple: "q" -> ("q",)."""
@@ -54,8 +80,21 @@ def _as_targets(targets: Iterable[str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ParamCounts:
-    """trainable: parameters the optimizer updates; total: every parameter the model holds
-    (a 4-bit weight counts as one parameter)."""
+    """How many parameters train, of how many (what `param_counts` returns).
+
+    Attributes:
+        trainable: parameters the optimizer updates.
+        total: every parameter the model holds (a 4-bit weight counts as one parameter).
+
+    Examples:
+        >>> from lowrank.accounting import param_counts
+        >>> from lowrank.shapes import GPT3_175B
+        >>> counts = param_counts(GPT3_175B, method="lora", r=4)  # W_q and W_v (Hu et al. 2021)
+        >>> counts
+        ParamCounts(trainable=18874368, total=174623133696)
+        >>> f"{counts.trainable_share:.2e}"
+        '1.08e-04'
+    """
 
     trainable: int
     total: int
@@ -69,7 +108,14 @@ class ParamCounts:
 def lora_parameters(shapes: Iterable[tuple[int, int]], r: int) -> int:
     """Trainable parameters of LoRA adapters on weights of the given (out, in) shapes:
     A [r, in] plus B [out, r], so r * (in + out) per matrix. An r above min(out, in) is
-    counted as it is stored, with a warning (`_validate.check_rank`)."""
+    counted as it is stored, with a warning (`_validate.check_rank`). Hu et al. 2021,
+    arXiv:2106.09685.
+
+    Examples:
+        >>> from lowrank.accounting import lora_parameters
+        >>> lora_parameters([(768, 768), (768, 768)], r=8)  # 2 * 8 * (768 + 768)
+        24576
+    """
     check_int("r", r)
     total = 0
     for out, in_ in shapes:
@@ -79,7 +125,17 @@ def lora_parameters(shapes: Iterable[tuple[int, int]], r: int) -> int:
 
 
 def lora_target_shapes(shape: TransformerShape, targets: Iterable[str]) -> list[tuple[int, int]]:
-    """(out, in) of every adapted matrix in the model: each target once per layer."""
+    """(out, in) of every adapted matrix in the model: each target once per layer.
+
+    `targets` are keys of `shape.linear_shapes()` ("q", "v", ...), or one such key.
+
+    Examples:
+        >>> from lowrank.accounting import lora_target_shapes
+        >>> from lowrank.shapes import ROBERTA_BASE
+        >>> shapes = lora_target_shapes(ROBERTA_BASE, ("q", "v"))
+        >>> len(shapes), shapes[0]  # 12 layers x 2 targets
+        (24, (768, 768))
+    """
     targets = _as_targets(targets)
     per_layer = shape.linear_shapes()
     unknown = [t for t in targets if t not in per_layer]
@@ -97,7 +153,16 @@ def param_counts(
 
     full: everything trains. lora / qlora: only the adapters on `targets` (names from
     `shape.linear_shapes()`) train; the total is the model plus the adapters. QLoRA stores the
-    frozen weights in 4 bits but has the same counts as LoRA.
+    frozen weights in 4 bits but has the same counts as LoRA. LoRA: Hu et al. 2021,
+    arXiv:2106.09685; QLoRA: Dettmers et al. 2023, arXiv:2305.14314.
+
+    Examples:
+        >>> from lowrank.accounting import param_counts
+        >>> from lowrank.shapes import LLAMA_7B
+        >>> param_counts(LLAMA_7B, method="full")
+        ParamCounts(trainable=6738415616, total=6738415616)
+        >>> param_counts(LLAMA_7B, method="qlora", r=8, targets=("q", "v")).trainable
+        4194304
     """
     check_choice("method", method, METHODS)
     if method == "full":
@@ -116,6 +181,14 @@ def bits_per_weight(dtype: str, *, blocksize: int = 64, double_quant: bool = Tru
     not counted). 4-bit nf4/fp4 (QLoRA, section 3): 4 bits per weight plus one fp32 absmax per
     block, 4 + 32/blocksize = 4.5 at blocksize 64; double quantization stores that absmax as one
     byte and adds one fp32 per 256 blocks: 4 + 8/64 + 32/(64*256) = 4.127 bits.
+    Dettmers et al. 2023 (QLoRA), arXiv:2305.14314.
+
+    Examples:
+        >>> from lowrank.accounting import bits_per_weight
+        >>> bits_per_weight("bf16"), bits_per_weight("nf4", double_quant=False)
+        (16.0, 4.5)
+        >>> bits_per_weight("nf4")
+        4.126953125
     """
     check_choice("dtype", dtype, DTYPE_BITS)
     if dtype not in FOUR_BIT_DTYPES:
@@ -132,6 +205,13 @@ def tensor_bytes(n: int, dtype: str, *, blocksize: int = 64, double_quant: bool 
     4-bit: ceil(n/2) bytes of packed codes plus, per block of `blocksize` elements, an fp32
     absmax, or with double quantization a uint8 absmax code, one fp32 scale per 256 blocks and
     one fp32 offset (the layout of bitsandbytes.functional.quantize_4bit).
+
+    Examples:
+        >>> from lowrank.accounting import tensor_bytes
+        >>> tensor_bytes(4096 * 4096, "bf16")
+        33554432
+        >>> tensor_bytes(4096 * 4096, "nf4")  # codes + uint8 scales + fp32 scales + offset
+        8654852
     """
     check_int("n", n, low=0)
     check_choice("dtype", dtype, DTYPE_BITS)
@@ -159,6 +239,14 @@ def weight_bytes(
     matrix on its own, as bitsandbytes does when Hugging Face loads a model in 8 or 4 bits;
     biases, norms, embeddings and the output head stay in `unquantized_dtype` (a float dtype,
     unused when `dtype` is one).
+
+    Examples:
+        >>> from lowrank.accounting import format_bytes, weight_bytes
+        >>> from lowrank.shapes import LLAMA_7B
+        >>> format_bytes(weight_bytes(LLAMA_7B, "bf16"))
+        '13.5 GB (12.6 GiB)'
+        >>> format_bytes(weight_bytes(LLAMA_7B, "nf4"))  # QLoRA's 4-bit linears, the rest bf16
+        '3.9 GB (3.6 GiB)'
     """
     check_choice("dtype", dtype, DTYPE_BITS)
     check_choice("unquantized_dtype", unquantized_dtype, FLOAT_DTYPES)
@@ -177,7 +265,14 @@ def adapter_checkpoint_bytes(
     shape: TransformerShape, *, r: int = 8, targets: Iterable[str] = ("q", "v"), dtype: str = "fp16"
 ) -> int:
     """Bytes of a saved LoRA adapter (A and B of every target; the file's small header aside).
-    The full fine-tuning checkpoint to compare with is weight_bytes(shape, dtype)."""
+    The full fine-tuning checkpoint to compare with is weight_bytes(shape, dtype).
+
+    Examples:
+        >>> from lowrank.accounting import adapter_checkpoint_bytes, format_bytes
+        >>> from lowrank.shapes import GPT3_175B
+        >>> format_bytes(adapter_checkpoint_bytes(GPT3_175B, r=4))  # the LoRA paper's "35MB"
+        '37.7 MB (36.0 MiB)'
+    """
     check_choice("dtype", dtype, FLOAT_DTYPES)
     return tensor_bytes(lora_parameters(lora_target_shapes(shape, targets), r), dtype)
 
@@ -187,14 +282,34 @@ def adapter_checkpoint_bytes(
 
 @dataclass(frozen=True)
 class MemoryBreakdown:
-    """GPU memory of training, in bytes, by what it holds.
+    """GPU memory of training, in bytes, by what it holds (what `training_memory` returns).
 
-    weights: the model's own weights (frozen under LoRA; 4-bit linears under QLoRA).
-    adapters: LoRA's A and B. gradients: one per trainable parameter.
-    optimizer_states: AdamW's two fp32 moments per trainable parameter (0 for plain SGD).
-    master_weights: fp32 copies of 16-bit trainable parameters in mixed-precision training.
-    activations: what the forward pass keeps for the backward; 0 here (it depends on batch and
-    sequence length; `dataclasses.replace(breakdown, activations=...)` fills it in).
+    Attributes:
+        weights: the model's own weights (frozen under LoRA; 4-bit linears under QLoRA).
+        adapters: LoRA's A and B.
+        gradients: one per trainable parameter.
+        optimizer_states: AdamW's two fp32 moments per trainable parameter (0 for plain SGD).
+        master_weights: fp32 copies of 16-bit trainable parameters in mixed-precision training.
+        activations: what the forward pass keeps for the backward; 0 here (it depends on batch
+            and sequence length; `dataclasses.replace(breakdown, activations=...)` fills it in).
+        label: what was estimated, for printing.
+
+    Examples:
+        >>> from lowrank.accounting import MemoryBreakdown, format_bytes
+        >>> breakdown = MemoryBreakdown(weights=2_000, adapters=0, gradients=2_000,
+        ...                             optimizer_states=8_000, label="1,000 parameters, bf16")
+        >>> breakdown.total
+        12000
+        >>> print(breakdown)
+        1,000 parameters, bf16
+        weights                      2.0 kB (2.0 KiB)
+        adapters                                  0 B
+        gradients                    2.0 kB (2.0 KiB)
+        optimizer_states             8.0 kB (7.8 KiB)
+        master_weights                            0 B
+        activations                               0 B
+        total                      12.0 kB (11.7 KiB)
+        (activations not counted)
     """
 
     weights: int
@@ -206,7 +321,14 @@ class MemoryBreakdown:
     label: str = field(default="", compare=False)  # what was estimated, for printing
 
     def as_dict(self) -> dict[str, int]:
-        """Name -> bytes of every part, with the total last."""
+        """Name -> bytes of every part, with the total last.
+
+        Examples:
+            >>> from lowrank.accounting import MemoryBreakdown
+            >>> MemoryBreakdown(weights=2, adapters=1, gradients=1, optimizer_states=8).as_dict()
+            {'weights': 2, 'adapters': 1, 'gradients': 1, 'optimizer_states': 8,
+             'master_weights': 0, 'activations': 0, 'total': 12}
+        """
         parts = {k: v for k, v in asdict(self).items() if k != "label"}
         return {**parts, "total": sum(parts.values())}
 
@@ -250,6 +372,24 @@ def training_memory(
     Full fine-tuning in bf16 with AdamW and no master copy costs 2 + 2 + 8 = 12 bytes per
     parameter: LLaMA-65B -> 783 GB, the QLoRA paper's ">780GB". LoRA keeps the 2-byte frozen
     weights and drops the other 10 bytes for all but the adapters, so it saves at most 6x.
+    LoRA: Hu et al. 2021, arXiv:2106.09685, section 4.2; QLoRA: Dettmers et al. 2023,
+    arXiv:2305.14314.
+
+    Examples:
+        >>> from lowrank.accounting import format_bytes, training_memory
+        >>> from lowrank.shapes import LLAMA_7B, LLAMA_65B
+        >>> format_bytes(training_memory(LLAMA_65B, method="full").total)  # QLoRA's ">780GB"
+        '783.4 GB (729.6 GiB)'
+        >>> print(training_memory(LLAMA_7B, method="qlora", r=8))
+        LLaMA-7B, qlora r=8 on q/v, weights nf4, adamw
+        weights                   3.9 GB (3.6 GiB)
+        adapters                16.8 MB (16.0 MiB)
+        gradients               16.8 MB (16.0 MiB)
+        optimizer_states        33.6 MB (32.0 MiB)
+        master_weights                         0 B
+        activations                            0 B
+        total                     3.9 GB (3.7 GiB)
+        (activations not counted)
     """
     check_choice("method", method, METHODS)
     targets = _as_targets(targets)
@@ -289,7 +429,15 @@ def training_memory(
 
 def format_bytes(n: float) -> str:
     """Bytes in decimal units (as the papers write them) with the binary unit beside:
-    format_bytes(37_748_736) == '37.7 MB (36.0 MiB)'."""
+    format_bytes(37_748_736) == '37.7 MB (36.0 MiB)'. Below 1000 bytes only the count.
+
+    Examples:
+        >>> from lowrank.accounting import format_bytes
+        >>> format_bytes(37_748_736)
+        '37.7 MB (36.0 MiB)'
+        >>> format_bytes(999)
+        '999 B'
+    """
     decimal = _scaled(n, 1000, ("B", "kB", "MB", "GB", "TB", "PB"))
     binary = _scaled(n, 1024, ("B", "KiB", "MiB", "GiB", "TiB", "PiB"))
     return decimal if n < 1000 else f"{decimal} ({binary})"
@@ -305,5 +453,11 @@ def _scaled(n: float, base: int, units: tuple[str, ...]) -> str:
 
 
 def format_count(n: int) -> str:
-    """A count with its short form: format_count(18_874_368) == '18,874,368 (18.9M)'."""
+    """A count with its short form: format_count(18_874_368) == '18,874,368 (18.9M)'.
+
+    Examples:
+        >>> from lowrank.accounting import format_count
+        >>> format_count(18_874_368)
+        '18,874,368 (18.9M)'
+    """
     return f"{n:,} ({_scaled(n, 1000, ('', 'K', 'M', 'B', 'T')).replace(' ', '')})"

@@ -24,6 +24,8 @@ Two things live here:
    (a NUL, an invalid sequence) and JSON nested deeper than `MAX_JSON_DEPTH` are refused by
    line too (Python's json would recurse until RecursionError); `loads_json` is that guarded
    parser, which `lowrank estimate` uses for config.json as well.
+
+Constant: `MAX_JSON_DEPTH` (100), the deepest nesting of arrays and objects a line may have.
 """
 
 import json
@@ -35,33 +37,89 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "ClassificationSplit",
+    "JsonlDataset",
+    "LexiconEntry",
+    "json_kind",
+    "load_vader_lexicon",
+    "loads_json",
+    "read_jsonl",
+    "vader_lexicon_path",
+    "vader_word_sentiment",
+]
+
 # ----------------------------------------------------------------------------- VADER lexicon
 
 
 @dataclass(frozen=True)
 class LexiconEntry:
-    """One line of vader_lexicon.txt: a token and its ten human ratings in [-4, 4]."""
+    """One line of vader_lexicon.txt: a token and its ten human ratings in [-4, 4].
+
+    Hutto & Gilbert 2014, "VADER: A Parsimonious Rule-based Model for Sentiment Analysis of
+    Social Media Text" (ICWSM).
+
+    Attributes:
+        token: the word or emoticon rated.
+        mean: mean of the ten ratings.
+        std: their standard deviation.
+        ratings: the ten raw ratings.
+
+    Examples:
+        >>> from lowrank.data import load_vader_lexicon
+        >>> good = next(entry for entry in load_vader_lexicon() if entry.token == "good")
+        >>> good
+        LexiconEntry(token='good', mean=1.9, std=0.9434, ratings=(2, 1, 1, 3, 2, 4, 2, 2, 1, 1))
+    """
 
     token: str
-    mean: float  # mean of the ten ratings
-    std: float  # their standard deviation
-    ratings: tuple[int, ...]  # the ten raw ratings
+    mean: float
+    std: float
+    ratings: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class ClassificationSplit:
-    """A labelled text classification task with a fixed train/test split."""
+    """A labelled text classification task with a fixed train/test split.
+
+    Attributes:
+        train_texts: the training texts.
+        train_labels: their class indices, one per text.
+        test_texts: the test texts (none of them a training text).
+        test_labels: their class indices.
+        label_names: label_names[i] is the name of class i.
+        description: where the data comes from and how it was built, in plain words.
+
+    Examples:
+        >>> from lowrank.data import vader_word_sentiment
+        >>> split = vader_word_sentiment(n_train=10, n_test=5)
+        >>> split.train_texts[:3], split.train_labels[:3], split.label_names
+        (['attractor', 'pessimists', 'sux'], [1, 0, 0], ('negative', 'positive'))
+        >>> print(split.description)
+        VADER sentiment lexicon (Hutto & Gilbert 2014, shipped with vaderSentiment): 5576
+        alphabetic words ... split of 10 train / 5 test words. Positive share: train 50.0%,
+        test 20.0%.
+    """
 
     train_texts: list[str]
     train_labels: list[int]
     test_texts: list[str]
     test_labels: list[int]
-    label_names: tuple[str, ...]  # label_names[i] is the name of class i
-    description: str  # where the data comes from and how it was built, in plain words
+    label_names: tuple[str, ...]
+    description: str
 
 
 def vader_lexicon_path() -> Path:
-    """The vader_lexicon.txt installed with the `vaderSentiment` package."""
+    """The vader_lexicon.txt installed with the `vaderSentiment` package.
+
+    Raises ImportError, saying what to install, when vaderSentiment is missing.
+
+    Examples:
+        >>> from lowrank.data import vader_lexicon_path
+        >>> vader_lexicon_path().name
+        'vader_lexicon.txt'
+    """
     spec = find_spec("vaderSentiment")
     if spec is None or spec.origin is None:
         raise ImportError("the demo's data needs `vaderSentiment`: pip install vaderSentiment")
@@ -69,7 +127,17 @@ def vader_lexicon_path() -> Path:
 
 
 def load_vader_lexicon(path: str | os.PathLike | None = None) -> list[LexiconEntry]:
-    """Parse the tab-separated VADER lexicon (default: the copy shipped with vaderSentiment)."""
+    """Parse the tab-separated VADER lexicon (default: the copy shipped with vaderSentiment).
+
+    Hutto & Gilbert 2014 (ICWSM). A line that is not token, mean, std and ten ratings raises
+    ValueError naming the file and line.
+
+    Examples:
+        >>> from lowrank.data import load_vader_lexicon
+        >>> lexicon = load_vader_lexicon()
+        >>> len(lexicon), lexicon[0].token in {entry.token for entry in lexicon[1:]}
+        (7520, False)
+    """
     path = Path(path) if path is not None else vader_lexicon_path()
     entries = []
     with open(path, encoding="utf-8") as f:
@@ -109,6 +177,14 @@ def vader_word_sentiment(
     1.0, about 44% positive; tokens listed twice are dropped) are shuffled with `seed`; the
     first `n_train` are the training set and the next `n_test` the test set
     (disjoint). Label 0 = negative, 1 = positive.
+
+    Examples:
+        >>> from lowrank.data import vader_word_sentiment
+        >>> split = vader_word_sentiment()
+        >>> len(split.train_texts), len(split.test_texts), split.label_names
+        (2000, 1000, ('negative', 'positive'))
+        >>> bool(set(split.train_texts) & set(split.test_texts))  # disjoint
+        False
     """
     if n_train < 1 or n_test < 1:
         raise ValueError(f"n_train and n_test must be positive, got {n_train} and {n_test}")
@@ -157,12 +233,23 @@ _FORMATS = {  # the exact set of keys each line may have -> the format's name
 
 @dataclass(frozen=True)
 class JsonlDataset:
-    """The rows of a JSONL file in one format.
+    """The rows of a JSONL file in one format (what `read_jsonl` returns).
 
-    format: "text", "prompt_completion" or "classification".
-    rows: the JSON objects, in file order (blank lines skipped).
-    label_names: for classification, the distinct labels sorted; class i is label_names[i].
-    path, line_numbers: where the rows came from (`where(i)` says "file:line" of row i).
+    Attributes:
+        format: "text", "prompt_completion" or "classification".
+        rows: the JSON objects, in file order (blank lines skipped).
+        label_names: for classification, the distinct labels sorted; class i is label_names[i].
+        path: the file the rows came from.
+        line_numbers: the line of each row (`where(i)` says "file:line" of row i).
+
+    Examples:
+        >>> from lowrank.data import JsonlDataset
+        >>> data = JsonlDataset(format="classification",
+        ...                     rows=[{"text": "win cash", "label": "spam"},
+        ...                           {"text": "see you at 6", "label": "ham"}],
+        ...                     label_names=("ham", "spam"), path="mail.jsonl", line_numbers=(1, 3))
+        >>> data.label_ids(), data.where(1)
+        ([1, 0], 'mail.jsonl:3')
     """
 
     format: str
@@ -188,6 +275,26 @@ def read_jsonl(path: str | os.PathLike) -> JsonlDataset:
     Missing file: FileNotFoundError; a folder: IsADirectoryError; anything wrong inside the file
     (not UTF-8, NUL bytes, invalid or too deeply nested JSON, a line that is not an object of
     one of the three formats, mixed label types, no data): ValueError.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from lowrank.data import read_jsonl
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = Path(folder) / "mail.jsonl"
+        ...     _ = path.write_text('{"text": "win cash", "label": "spam"}\\n\\n'
+        ...                         '{"text": "see you at 6", "label": "ham"}\\n')
+        ...     data = read_jsonl(path)
+        >>> data.format, data.label_names, data.label_ids(), data.line_numbers
+        ('classification', ('ham', 'spam'), [1, 0], (1, 3))
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = Path(folder) / "mail.jsonl"
+        ...     _ = path.write_text('{"text": "fine"}\\n{"text": "oops",}\\n')
+        ...     read_jsonl(path)
+        Traceback (most recent call last):
+            ...
+        ValueError: ...mail.jsonl:2: not valid JSON (Expecting property name enclosed in double
+        quotes at column 17)
     """
     path = Path(path)
     if path.is_dir():
@@ -274,6 +381,15 @@ def loads_json(text: str, where: str, *, max_depth: int = MAX_JSON_DEPTH) -> obj
 
     Nesting deeper than `max_depth` arrays/objects is refused before the parser sees it:
     Python's json recurses once per level and dies with RecursionError at about 1,000.
+
+    Examples:
+        >>> from lowrank.data import loads_json
+        >>> loads_json('{"hidden_size": 768, "layers": [1, 2]}', "config.json")
+        {'hidden_size': 768, 'layers': [1, 2]}
+        >>> loads_json("[" * 101 + "]" * 101, "deep.json:1")
+        Traceback (most recent call last):
+            ...
+        ValueError: deep.json:1: JSON nested more than 100 levels deep; refused
     """
     if text.count("[") + text.count("{") > max_depth:  # only then can it be too deep
         depth = 0
@@ -320,7 +436,13 @@ def _check_string(value: object, key: str, where: str) -> None:
 
 
 def json_kind(value: object) -> str:
-    """What a parsed JSON value is, in JSON's words ("an array", "a string", ...)."""
+    """What a parsed JSON value is, in JSON's words ("an array", "a string", ...).
+
+    Examples:
+        >>> from lowrank.data import json_kind
+        >>> json_kind([1, 2]), json_kind(True), json_kind(2.5), json_kind(None)
+        ('an array', 'a boolean', 'a number', 'null')
+    """
     if isinstance(value, bool):
         return "a boolean"
     kinds = {dict: "an object", list: "an array", str: "a string", int: "a number"}

@@ -1,6 +1,23 @@
 """How much memory does fine-tuning this model need? An estimate from its config.json alone.
 
-    >>> print(estimate_memory("Llama-2-7b/config.json", method="qlora", batch_size=1, seq_len=512))
+    >>> from lowrank.memory import estimate_memory
+    >>> llama2_7b = {"_name_or_path": "Llama-2-7b", "model_type": "llama",
+    ...              "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+    ...              "intermediate_size": 11008, "vocab_size": 32000}  # from its config.json
+    >>> print(estimate_memory(llama2_7b, method="qlora", batch_size=1, seq_len=512))
+    Llama-2-7b: qlora, r=8 on q_proj,v_proj, weights NF4 linears + bf16, batch 1 x 512 tokens
+    trainable parameters 4,194,304 of 6,742,609,920 (0.062%)
+      weights                    3.9 GB (3.6 GiB)
+      adapters                 16.8 MB (16.0 MiB)
+      gradients                16.8 MB (16.0 MiB)
+      optimizer (AdamW)        33.6 MB (32.0 MiB)
+      activations                2.2 GB (2.0 GiB)
+      backward working       128.7 MB (122.8 MiB)
+      total                      6.2 GB (5.8 GiB)
+    fits in 8 GB of GPU memory (counting ~0.5 GB for the CUDA context)
+
+A path to a config.json, or a model folder holding one, works the same:
+`estimate_memory("Llama-2-7b/config.json", method="qlora")`.
 
 Framework-free (no torch, no transformers, no weights): `lowrank.shapes` reads the shapes from
 the config and `lowrank.accounting.training_memory` turns them into the bytes that do not
@@ -53,6 +70,8 @@ from lowrank.shapes import (
     read_config,
 )
 
+__all__ = ["MemoryEstimate", "estimate_memory"]
+
 # Saved activations per layer and token, in numbers: (c_h, c_ff) with the base trainable (full)
 # and frozen (lora, qlora), plus numbers per token saved outside the blocks (embeddings, final
 # norm), in units of d_model. Counted with saved_tensors_hooks (see the module doc).
@@ -70,8 +89,34 @@ _ACTIVATION_COEFFICIENTS = {
 class MemoryEstimate:
     """Bytes of one training step's peak, by part; `str()` prints the table.
 
-    breakdown: `training_memory`'s weights, adapters, gradients and optimizer states, with the
-    activations filled in; working: the backward pass's temporaries on top of it.
+    `weights`, `adapters`, `gradients`, `optimizer_states` and `activations` read the parts of
+    `breakdown`; `total` adds `working` to them.
+
+    Attributes:
+        model: the model's name (the config's `_name_or_path`, else its `model_type`).
+        method: "full", "lora" or "qlora".
+        dtype: storage of the weights that are not 4-bit, and of the activations.
+        batch_size: sequences per step.
+        seq_len: tokens per sequence.
+        r: the LoRA rank.
+        targets: the adapted layers, by Hugging Face name.
+        gradient_checkpointing: whether only each block's input is kept.
+        trainable_params: parameters the optimizer updates.
+        total_params: every parameter, adapters included.
+        breakdown: `training_memory`'s weights, adapters, gradients and optimizer states, with
+            the activations filled in.
+        working: the backward pass's temporaries on top of it.
+
+    Examples:
+        >>> from lowrank.accounting import format_bytes
+        >>> from lowrank.memory import estimate_memory
+        >>> gpt2 = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12,
+        ...         "vocab_size": 50257, "n_positions": 1024}
+        >>> estimate = estimate_memory(gpt2, method="lora", batch_size=8, seq_len=512)
+        >>> estimate.targets, estimate.trainable_params
+        (('c_attn',), 294912)
+        >>> format_bytes(estimate.total), estimate.fits(12e9)
+        ('4.9 GB (4.6 GiB)', True)
     """
 
     model: str
@@ -170,6 +215,26 @@ def estimate_memory(
         blocks' linear weights in NF4.
     dtype: storage of the weights that are not 4-bit, and of the activations.
     lm_head: count logits over the vocabulary (default: True for decoders, False for encoders).
+
+    Full fine-tuning pays gradients and AdamW states for every weight; LoRA (Hu et al. 2021,
+    arXiv:2106.09685) only for the adapters; QLoRA (Dettmers et al. 2023, arXiv:2305.14314)
+    also stores the frozen linear weights in 4 bits.
+
+    Examples:
+        >>> from lowrank.accounting import format_bytes
+        >>> from lowrank.memory import estimate_memory
+        >>> gpt2 = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12,
+        ...         "vocab_size": 50257, "n_positions": 1024}
+        >>> for method in ("full", "lora", "qlora"):
+        ...     estimate = estimate_memory(gpt2, method=method, batch_size=8, seq_len=512)
+        ...     print(method, format_bytes(estimate.total))
+        full 6.7 GB (6.2 GiB)
+        lora 4.9 GB (4.6 GiB)
+        qlora 4.8 GB (4.5 GiB)
+        >>> full = estimate_memory(gpt2, method="full", batch_size=8, seq_len=512,
+        ...                        gradient_checkpointing=True)
+        >>> format_bytes(full.activations)  # block inputs only
+        '1.7 GB (1.6 GiB)'
     """
     check_choice("method", method, METHODS)
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("r", r)):
@@ -234,6 +299,3 @@ def estimate_memory(
         breakdown=replace(breakdown, activations=activations),
         working=working,
     )
-
-
-__all__ = ["MemoryEstimate", "estimate_memory"]

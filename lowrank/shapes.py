@@ -9,7 +9,10 @@ Names. `TransformerShape.linear_shapes()` calls one block's linear layers q, k, 
 paper's W_q, W_k, W_v, W_o), gate, up and down, or qkv where the model fuses the three
 attention projections in one matrix (GPT-2's c_attn). `HF_LINEAR_NAMES` maps each family's
 Hugging Face layer names onto these keys; `DEFAULT_TARGETS` holds the layers PEFT adapts by
-default, the LoRA paper's W_q and W_v.
+default, the LoRA paper's W_q and W_v; `MODEL_FAMILIES` maps each Hugging Face `model_type`
+that `config_to_shape` reads onto its family ("llama", "gpt2", "bert").
+
+Presets: `GPT3_175B`, `ROBERTA_BASE`, `ROBERTA_LARGE`, `LLAMA_7B` and `LLAMA_65B`.
 """
 
 import json
@@ -18,6 +21,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lowrank._validate import check_int
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "GPT3_175B",
+    "HF_LINEAR_NAMES",
+    "LLAMA_7B",
+    "LLAMA_65B",
+    "MODEL_FAMILIES",
+    "ROBERTA_BASE",
+    "ROBERTA_LARGE",
+    "TransformerShape",
+    "config_to_shape",
+    "hf_linear_shapes",
+    "read_config",
+]
 
 
 @dataclass(frozen=True)
@@ -31,6 +49,19 @@ class TransformerShape:
     output head unless it is tied to the token embeddings.
     d_ff and n_kv_heads are filled in when left as None, so `shape.d_ff` is always the width
     (and `dataclasses.replace(shape, d_model=...)` keeps the old d_ff: pass both).
+
+    Examples:
+        >>> from lowrank.shapes import LLAMA_7B, TransformerShape
+        >>> tiny = TransformerShape("tiny", d_model=64, n_layers=2, n_heads=4, vocab_size=100)
+        >>> tiny.d_ff, tiny.head_dim  # d_ff defaults to 4 * d_model
+        (256, 16)
+        >>> tiny.param_groups()
+        {'linear weights': 98304, 'linear biases': 1152, 'norms': 640, 'embeddings': 6400,
+         'output head': 0}
+        >>> tiny.n_params()
+        106496
+        >>> f"{LLAMA_7B.n_params():,}"
+        '6,738,415,616'
     """
 
     name: str
@@ -79,6 +110,12 @@ class TransformerShape:
         q, k, v, o are the paper's W_q, W_k, W_v, W_o; up and down the MLP (plus gate if gated).
         With grouped-query attention k and v map d_model to n_kv_heads * head_dim. A fused qkv
         stacks the rows of q, k and v: (d_model + 2 * n_kv_heads * head_dim, d_model).
+
+        Examples:
+            >>> from lowrank.shapes import LLAMA_7B
+            >>> LLAMA_7B.linear_shapes()
+            {'q': (4096, 4096), 'k': (4096, 4096), 'v': (4096, 4096), 'o': (4096, 4096),
+             'gate': (11008, 4096), 'up': (11008, 4096), 'down': (4096, 11008)}
         """
         d, kv, ff = self.d_model, self.n_kv_heads * self.head_dim, self.d_ff
         if self.fused_qkv:
@@ -173,7 +210,19 @@ HF_LINEAR_NAMES: dict[str, dict[str, str]] = {
 
 
 def read_config(config: dict | str | os.PathLike) -> dict:
-    """A Hugging Face config as a dict: given as one, as a config.json path, or a model folder."""
+    """A Hugging Face config as a dict: given as one, as a config.json path, or a model folder.
+
+    Raises FileNotFoundError when the path holds no config.json.
+
+    Examples:
+        >>> from lowrank.shapes import read_config
+        >>> read_config({"model_type": "gpt2"})  # a dict is returned as it is
+        {'model_type': 'gpt2'}
+        >>> read_config("no/such/model")
+        Traceback (most recent call last):
+            ...
+        FileNotFoundError: no Hugging Face config at no/such/model
+    """
     if isinstance(config, dict):
         return config
     path = Path(config)
@@ -185,7 +234,19 @@ def read_config(config: dict | str | os.PathLike) -> dict:
 
 
 def config_to_shape(config: dict | str | os.PathLike) -> TransformerShape:
-    """The TransformerShape of a Hugging Face config (dict, config.json, or model folder)."""
+    """The TransformerShape of a Hugging Face config (dict, config.json, or model folder).
+
+    Reads Llama-style decoders (llama, mistral, qwen2), GPT-2 and BERT-style encoders (bert,
+    roberta, xlm-roberta); any other `model_type` is a ValueError naming the supported ones.
+
+    Examples:
+        >>> from lowrank.shapes import config_to_shape
+        >>> gpt2 = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12,
+        ...         "vocab_size": 50257, "n_positions": 1024}
+        >>> shape = config_to_shape(gpt2)
+        >>> shape.fused_qkv, shape.d_ff, f"{shape.n_params():,}"  # GPT-2 small, "124M"
+        (True, 3072, '124,439,808')
+    """
     config = read_config(config)
     model_type = config.get("model_type")
     name = config.get("_name_or_path") or model_type or "model"
@@ -234,7 +295,16 @@ def config_to_shape(config: dict | str | os.PathLike) -> TransformerShape:
 
 
 def hf_linear_shapes(config: dict | str | os.PathLike) -> dict[str, tuple[int, int]]:
-    """The linear layers of one block under their Hugging Face names: name -> (out, in)."""
+    """The linear layers of one block under their Hugging Face names: name -> (out, in).
+
+    Examples:
+        >>> from lowrank.shapes import hf_linear_shapes
+        >>> gpt2 = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12,
+        ...         "vocab_size": 50257, "n_positions": 1024}
+        >>> hf_linear_shapes(gpt2)
+        {'c_attn': (2304, 768), 'attn.c_proj': (768, 768), 'c_fc': (3072, 768),
+         'mlp.c_proj': (768, 3072)}
+    """
     config = read_config(config)
     ours = config_to_shape(config).linear_shapes()
     names = HF_LINEAR_NAMES[MODEL_FAMILIES[config["model_type"]]]

@@ -14,6 +14,9 @@ the honest switch: set LOWRANK_STATIC=1 to get static figures for an HTML export
 
 Papers behind the pictures: Hu et al. 2021, LoRA (arXiv:2106.09685), figure 3 (subspace
 similarity); Dettmers et al. 2023, QLoRA (arXiv:2305.14314), NF4 levels and memory footprint.
+
+The examples in this reference draw off screen (matplotlib's Agg backend, as the tests run
+them) and show what was drawn: a title, a number of lines.
 """
 
 import os
@@ -23,10 +26,29 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
 
+__all__ = [
+    "explore",
+    "plot_bars",
+    "plot_curves",
+    "plot_energy",
+    "plot_heatmap",
+    "plot_levels",
+    "plot_matrices",
+    "plot_spectra",
+    "plot_stacked",
+    "widgets_available",
+]
+
 
 def widgets_available() -> bool:
     """True when sliders can work: ipywidgets importable, inside an IPython kernel, and neither
-    LOWRANK_SMOKE=1 nor LOWRANK_STATIC=1 is set (the headless switches)."""
+    LOWRANK_SMOKE=1 nor LOWRANK_STATIC=1 is set (the headless switches).
+
+    Examples:
+        >>> from lowrank.viz import widgets_available
+        >>> widgets_available()  # a plain Python session has no kernel to draw sliders in
+        False
+    """
     if os.environ.get("LOWRANK_SMOKE") == "1" or os.environ.get("LOWRANK_STATIC") == "1":
         return False
     try:
@@ -52,6 +74,19 @@ def explore(
     With a widget front end: one selection slider per parameter, redrawn on change.
     Without one: the first parameter is shown at up to `static_values` values spread over its
     list (first and last included), the others at their defaults, one panel each.
+
+    Examples:
+        >>> import matplotlib.pyplot as plt
+        >>> import numpy as np
+        >>> from lowrank.viz import explore
+        >>> def draw(ax, r, log):
+        ...     _ = ax.plot(np.arange(1.0, 9.0) ** -r)
+        ...     ax.set_yscale("log" if log else "linear")
+        ...     ax.set_title(f"r={r}")
+        >>> explore(draw, r=[1, 2, 3, 4, 5, 6, 7], log=[False, True])  # headless: 4 panels
+        >>> [ax.get_title() for ax in plt.gcf().axes]  # r spread over its list, log at False
+        ['r=1', 'r=3', 'r=5', 'r=7']
+        >>> plt.close("all")
     """
     if not choices:
         raise ValueError("explore needs at least one parameter, e.g. explore(draw, r=[1, 2, 4])")
@@ -79,7 +114,7 @@ def explore(
         ipywidgets.interact(redraw, **sliders)
         return
 
-    grid = static_grid(choices, static_values)
+    grid = _static_grid(choices, static_values)
     fig, axes = plt.subplots(
         1, len(grid), figsize=(panel_size[0] * len(grid), panel_size[1]), squeeze=False
     )
@@ -89,7 +124,7 @@ def explore(
     plt.show()
 
 
-def static_grid(choices: Mapping[str, Sequence], static_values: int) -> list[dict]:
+def _static_grid(choices: Mapping[str, Sequence], static_values: int) -> list[dict]:
     """The parameter sets the static fallback draws: the first parameter at up to
     `static_values` evenly spread values of its list, every other parameter at its first value."""
     names = list(choices)
@@ -122,7 +157,20 @@ def plot_spectra(
     """One line per matrix: its singular values in descending order (log scale).
 
     normalize=True divides each spectrum by its largest value so matrices of different scale
-    (a fine-tuning update and a random matrix) can share the axes.
+    (a fine-tuning update and a random matrix) can share the axes. `spectra` maps a label to
+    a 1-D array of singular values (any order).
+
+    Examples:
+        >>> import matplotlib.pyplot as plt
+        >>> import numpy as np
+        >>> from lowrank.viz import plot_spectra
+        >>> rng = np.random.default_rng(0)
+        >>> spectra = {"random": np.linalg.svd(rng.normal(size=(8, 8)), compute_uv=False),
+        ...            "rank 2": np.array([3.0, 1.0, 1e-9, 1e-9])}
+        >>> ax = plot_spectra(spectra)
+        >>> ax.get_title(), len(ax.lines), ax.get_yscale()
+        ('singular values', 2, 'log')
+        >>> plt.close(ax.figure)
     """
     ax = _axes(ax)
     for label, s in spectra.items():
@@ -144,7 +192,20 @@ def plot_energy(
     mark: float | None = 0.9,
     title: str = "energy in the top-r directions",
 ) -> Axes:
-    """Cumulative share of the squared Frobenius norm held by the top-r singular values."""
+    """Cumulative share of the squared Frobenius norm held by the top-r singular values.
+
+    One line per spectrum (label -> 1-D singular values), cut at `max_rank` if given, and a
+    dotted line at the share `mark` (None for none).
+
+    Examples:
+        >>> import matplotlib.pyplot as plt
+        >>> import numpy as np
+        >>> from lowrank.viz import plot_energy
+        >>> ax = plot_energy({"update": np.array([3.0, 1.0, 0.5])}, mark=0.9)
+        >>> ax.get_title(), len(ax.lines)  # the spectrum and the 90% mark
+        ('energy in the top-r directions', 2)
+        >>> plt.close(ax.figure)
+    """
     ax = _axes(ax)
     for label, s in spectra.items():
         s2 = np.sort(np.asarray(s, dtype=np.float64))[::-1] ** 2
@@ -165,7 +226,22 @@ def plot_energy(
 def plot_matrices(
     matrices: Mapping[str, np.ndarray], *, axes: Sequence[Axes] | None = None, cmap: str = "RdBu_r"
 ) -> Sequence[Axes]:
-    """Show matrices side by side as images on one symmetric colour scale (0 is white)."""
+    """Show matrices side by side as images on one symmetric colour scale (0 is white).
+
+    `matrices` maps a label to a 2-D array (any shapes); `axes`, if given, holds one Axes per
+    matrix. Returns the axes.
+
+    Examples:
+        >>> import matplotlib.pyplot as plt
+        >>> import numpy as np
+        >>> from lowrank.viz import plot_matrices
+        >>> rng = np.random.default_rng(0)
+        >>> B, A = rng.normal(size=(6, 2)), rng.normal(size=(2, 5))
+        >>> axes = plot_matrices({"B (out, r)": B, "A (r, in)": A, "B @ A (out, in)": B @ A})
+        >>> [ax.get_title() for ax in axes]
+        ['B (out, r)', 'A (r, in)', 'B @ A (out, in)']
+        >>> plt.close("all")
+    """
     if axes is None:
         _, axes = plt.subplots(1, len(matrices), figsize=(3.2 * len(matrices), 3.2), squeeze=False)
         axes = axes[0]
@@ -189,7 +265,16 @@ def plot_curves(
     log: bool = False,
     title: str = "",
 ) -> Axes:
-    """Training curves (or any series), one line per label."""
+    """Training curves (or any series), one line per label.
+
+    Examples:
+        >>> import matplotlib.pyplot as plt
+        >>> from lowrank.viz import plot_curves
+        >>> ax = plot_curves({"full": [2.3, 1.1, 0.6], "LoRA r=4": [2.3, 1.4, 0.9]}, log=True)
+        >>> len(ax.lines), ax.get_ylabel(), ax.get_yscale()
+        (2, 'loss', 'log')
+        >>> plt.close(ax.figure)
+    """
     ax = _axes(ax)
     for label, values in curves.items():
         ax.plot(np.arange(len(values)), np.asarray(values, dtype=np.float64), label=label)
@@ -211,7 +296,20 @@ def plot_stacked(
     title: str = "where the memory goes",
 ) -> Axes:
     """Stacked bars: one bar per setting (e.g. full / LoRA / QLoRA), one segment per component
-    (weights, gradients, optimizer state, activations...), values in bytes divided by `scale`."""
+    (weights, gradients, optimizer state, activations...), values in bytes divided by `scale`.
+
+    `breakdowns` maps a setting to {component: bytes}, e.g. `MemoryBreakdown.as_dict()` without
+    its "total"; each bar is annotated with its total.
+
+    Examples:
+        >>> import matplotlib.pyplot as plt
+        >>> from lowrank.viz import plot_stacked
+        >>> ax = plot_stacked({"full": {"weights": 14e9, "gradients": 14e9, "optimizer": 56e9},
+        ...                    "LoRA": {"weights": 14e9, "gradients": 0.0, "optimizer": 0.1e9}})
+        >>> len(ax.containers), [text.get_text() for text in ax.texts]  # 3 components, 2 totals
+        (3, ['78.2', '13.1'])
+        >>> plt.close(ax.figure)
+    """
     ax = _axes(ax, figsize=(6.0, 4.0))
     components: list[str] = []  # in first-seen order; a component that is 0 everywhere is left out
     for parts in breakdowns.values():
@@ -237,7 +335,20 @@ def plot_levels(
     title: str = "4-bit levels",
 ) -> Axes:
     """Each codebook's levels as ticks on its own row; optionally the histogram of the
-    (absmax-scaled) weights behind them, to see where levels are dense and where weights are."""
+    (absmax-scaled) weights behind them, to see where levels are dense and where weights are.
+
+    `codebooks` maps a name to its levels in [-1, 1] (e.g. `nf4_code()`); `weights`, any shape,
+    is histogrammed over [-1, 1]. QLoRA's NF4 (Dettmers et al. 2023, arXiv:2305.14314).
+
+    Examples:
+        >>> import matplotlib.pyplot as plt
+        >>> from lowrank.numpy import int4_code, nf4_code
+        >>> from lowrank.viz import plot_levels
+        >>> ax = plot_levels({"NF4": nf4_code(), "int4": int4_code()})
+        >>> [label.get_text() for label in ax.get_yticklabels()], len(ax.lines)
+        (['NF4', 'int4'], 2)
+        >>> plt.close(ax.figure)
+    """
     ax = _axes(ax, figsize=(7.0, 3.0))
     if weights is not None:
         twin = ax.twinx()
@@ -267,7 +378,18 @@ def plot_heatmap(
     vmax: float = 1.0,
 ) -> Axes:
     """A grid of numbers in [vmin, vmax] with row/column indices starting at 1 (as in the LoRA
-    paper's subspace-similarity figure)."""
+    paper's subspace-similarity figure). `values`: (rows, columns), e.g.
+    `subspace_similarity_grid(A1, A2)` (Hu et al. 2021, arXiv:2106.09685, Figure 3).
+
+    Examples:
+        >>> import matplotlib.pyplot as plt
+        >>> import numpy as np
+        >>> from lowrank.viz import plot_heatmap
+        >>> ax = plot_heatmap(np.array([[1.0, 0.5, 0.4], [0.9, 0.6, 0.5]]), title="phi")
+        >>> ax.images[0].get_array().shape, ax.get_title(), len(ax.figure.axes)  # + colour bar
+        ((2, 3), 'phi', 2)
+        >>> plt.close(ax.figure)
+    """
     ax = _axes(ax, figsize=(4.0, 3.5))
     values = np.asarray(values, dtype=np.float64)
     image = ax.imshow(values, vmin=vmin, vmax=vmax, cmap="viridis", origin="upper")
@@ -289,7 +411,16 @@ def plot_bars(
     title: str = "",
     fmt: str = "{:,.3g}",
 ) -> Axes:
-    """Labelled bars with their value written on top."""
+    """Labelled bars with their value written on top (formatted with `fmt`).
+
+    Examples:
+        >>> import matplotlib.pyplot as plt
+        >>> from lowrank.viz import plot_bars
+        >>> ax = plot_bars({"full": 175e9, "LoRA r=4": 18.9e6}, log=True, ylabel="trainable")
+        >>> [text.get_text() for text in ax.texts], ax.get_yscale()
+        (['1.75e+11', '1.89e+07'], 'log')
+        >>> plt.close(ax.figure)
+    """
     ax = _axes(ax)
     heights = [float(v) for v in values.values()]
     ax.bar(list(values), heights)

@@ -27,6 +27,17 @@ arbitrary, so phi would be too.
 
 import numpy as np
 
+__all__ = [
+    "best_rank_r",
+    "effective_rank",
+    "energy_captured",
+    "energy_rank",
+    "singular_values",
+    "stable_rank",
+    "subspace_similarity",
+    "subspace_similarity_grid",
+]
+
 
 def _as_matrix(M: np.ndarray, name: str = "M") -> np.ndarray:
     """Check that M is a finite, non-empty, real 2-D array and return it as float64."""
@@ -60,7 +71,16 @@ def _numerical_rank(s: np.ndarray, shape: tuple[int, int]) -> int:
 
 
 def singular_values(M: np.ndarray) -> np.ndarray:
-    """The singular values of M, float64, descending, length min(M.shape)."""
+    """The singular values of M, float64, descending, length min(M.shape).
+
+    M: (m, n), any real matrix -> s: (min(m, n),).
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import singular_values
+        >>> singular_values(np.array([[3.0, 0.0], [0.0, -1.0], [0.0, 0.0]]))
+        array([3., 1.])
+    """
     return np.linalg.svd(_as_matrix(M), compute_uv=False)
 
 
@@ -69,6 +89,18 @@ def best_rank_r(M: np.ndarray, r: int) -> np.ndarray:
 
     Eckart-Young-Mirsky: ||M - best_rank_r(M, r)||_F = sqrt(sum_{i > r} s_i^2), and no matrix of
     rank <= r does better. r = 0 gives the zero matrix, r = min(M.shape) gives M back.
+    M: (m, n) -> (m, n); r: an int in [0, min(m, n)].
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import best_rank_r, singular_values
+        >>> M = np.random.default_rng(0).normal(size=(6, 4))
+        >>> M2 = best_rank_r(M, 2)
+        >>> M2.shape, int(np.linalg.matrix_rank(M2))
+        ((6, 4), 2)
+        >>> s = singular_values(M)
+        >>> bool(np.isclose(np.linalg.norm(M - M2), np.sqrt(s[2] ** 2 + s[3] ** 2)))
+        True
     """
     M = _as_matrix(M)
     _check_rank_arg(r, M.shape)
@@ -80,7 +112,13 @@ def energy_captured(M: np.ndarray, r: int) -> float:
     """Share of the squared Frobenius norm held by the top r singular values: sum_{i<=r} s_i^2 /
     sum_i s_i^2, in [0, 1]. Equals 1 - ||M - best_rank_r(M, r)||_F^2 / ||M||_F^2.
 
-    The zero matrix has no energy to miss: 1.0 for every r.
+    The zero matrix has no energy to miss: 1.0 for every r. M: (m, n); r in [0, min(m, n)].
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import energy_captured
+        >>> round(energy_captured(np.diag([3.0, 1.0]), 1), 4)  # 9 / (9 + 1)
+        0.9
     """
     M = _as_matrix(M)
     _check_rank_arg(r, M.shape)
@@ -96,7 +134,16 @@ def energy_rank(M: np.ndarray, energy: float = 0.9) -> int:
 
     energy is a share in (0, 1]; 0.9 means "90% of the squared Frobenius norm". energy=1.0
     gives the numerical rank (round-off singular values hold ~1e-30 of the energy, which does not
-    register). The zero matrix has energy rank 0.
+    register). The zero matrix has energy rank 0. M: (m, n); the result is an int in
+    [0, min(m, n)].
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import energy_rank
+        >>> energy_rank(np.diag([3.0, 1.0]), 0.9)  # the top direction holds 9 / 10
+        1
+        >>> energy_rank(np.eye(10), 0.9)  # every direction holds 1 / 10
+        9
     """
     if isinstance(energy, bool) or not isinstance(energy, (int, float, np.floating)):
         raise TypeError(f"energy must be a number in (0, 1], got {type(energy).__name__}")
@@ -117,6 +164,16 @@ def effective_rank(M: np.ndarray) -> float:
 
     A real number in [1, rank(M)]: n for the n x n identity (all directions equal), 1 for a
     rank-1 matrix. Terms with p_i = 0 contribute 0 (the limit of p log p). The zero matrix: 0.0.
+    M: (m, n) -> a float. Roy & Vetterli 2007, "The effective rank: a measure of effective
+    dimensionality" (EUSIPCO).
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import effective_rank
+        >>> round(effective_rank(np.eye(4)), 4)
+        4.0
+        >>> round(effective_rank(np.outer([1.0, 2.0], [3.0, 4.0, 5.0])), 4)  # rank 1
+        1.0
     """
     s = singular_values(M)
     total = float(np.sum(s))
@@ -128,7 +185,14 @@ def effective_rank(M: np.ndarray) -> float:
 
 def stable_rank(M: np.ndarray) -> float:
     """||M||_F^2 / ||M||_2^2 = sum_i s_i^2 / s_1^2: a smooth, never-larger stand-in for the rank.
-    The zero matrix: 0.0."""
+    The zero matrix: 0.0. M: (m, n) -> a float in [1, rank(M)] (0.0 for zero).
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import stable_rank
+        >>> stable_rank(np.diag([2.0, 1.0]))  # (4 + 1) / 4
+        1.25
+    """
     s = singular_values(M)
     if s[0] == 0.0:
         return 0.0
@@ -168,7 +232,18 @@ def subspace_similarity(A1: np.ndarray, A2: np.ndarray, i: int, j: int) -> float
     orthogonal; it is the mean squared cosine of the principal angles between the two spans.
     Section 7.2 (Figure 3) compares A from r=8 and r=64 runs this way.
 
-    i must be in [1, rank(A1)] and j in [1, rank(A2)].
+    i must be in [1, rank(A1)] and j in [1, rank(A2)]. Hu et al. 2021, arXiv:2106.09685.
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import subspace_similarity
+        >>> rng = np.random.default_rng(0)
+        >>> A1 = rng.normal(size=(2, 10))  # (r1, in)
+        >>> A2 = np.vstack([A1, rng.normal(size=(2, 10))])  # (r2, in): its span holds A1's
+        >>> round(subspace_similarity(A1, A2, 2, 4), 4)
+        1.0
+        >>> subspace_similarity(np.eye(4)[:2], np.eye(4)[2:], 2, 2)  # orthogonal spans
+        0.0
     """
     A1, A2 = _check_pair(A1, A2)
     V1 = _top_right_singular_vectors(A1, i, "A1", "i")  # (i, in)
@@ -179,7 +254,19 @@ def subspace_similarity(A1: np.ndarray, A2: np.ndarray, i: int, j: int) -> float
 
 def subspace_similarity_grid(A1: np.ndarray, A2: np.ndarray) -> np.ndarray:
     """phi(A1, A2, i, j) for all i in 1..rank(A1), j in 1..rank(A2): float64 [rank1, rank2],
-    entry [i-1, j-1] = subspace_similarity(A1, A2, i, j). The paper's Figure 3 heat map.
+    entry [i-1, j-1] = subspace_similarity(A1, A2, i, j). The paper's Figure 3 heat map
+    (Hu et al. 2021, arXiv:2106.09685). A1: (r1, in), A2: (r2, in).
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import subspace_similarity, subspace_similarity_grid
+        >>> rng = np.random.default_rng(0)
+        >>> A1, A2 = rng.normal(size=(2, 10)), rng.normal(size=(4, 10))
+        >>> grid = subspace_similarity_grid(A1, A2)
+        >>> grid.shape
+        (2, 4)
+        >>> bool(np.isclose(grid[1, 2], subspace_similarity(A1, A2, 2, 3)))
+        True
     """
     A1, A2 = _check_pair(A1, A2)
     _, s1, Vh1 = np.linalg.svd(A1, full_matrices=False)

@@ -32,6 +32,16 @@ import numpy as np
 
 from lowrank._validate import check_quant_type
 
+__all__ = [
+    "code_for",
+    "derive_dynamic_map",
+    "derive_nf4_code",
+    "dynamic_map",
+    "fp4_code",
+    "int4_code",
+    "nf4_code",
+]
+
 # bitsandbytes' NF4 table, float32 (index = 4-bit code); `derive_nf4_code` rebuilds it.
 _NF4 = np.array(
     [
@@ -205,6 +215,15 @@ def nf4_code() -> np.ndarray:
     NormalFloat puts the levels at quantiles of N(0, 1), so that a normally distributed weight
     falls into each level's bin about equally often; 7 negative levels, an exact 0, 8 positive,
     scaled so the extremes are -1 and 1. `derive_nf4_code()` shows where the numbers come from.
+    Dettmers et al. 2023 (QLoRA), arXiv:2305.14314, section 3. Returns (16,), a fresh copy.
+
+    Examples:
+        >>> from lowrank.numpy import nf4_code
+        >>> code = nf4_code()
+        >>> code.shape, code.dtype
+        ((16,), dtype('float32'))
+        >>> code[[0, 7, 15]]  # the extremes and the exact zero
+        array([-1.,  0.,  1.], dtype=float32)
     """
     return _NF4.copy()
 
@@ -217,7 +236,14 @@ def derive_nf4_code(offset: float = 0.9677083) -> np.ndarray:
     whole set is divided by its largest value. `offset`, bitsandbytes' choice, is the mean of
     1 - 1/(2*15) and 1 - 1/(2*16): it keeps the outermost quantile finite (the 1.0 quantile is
     infinite). The probabilities are float32 as in bitsandbytes' script; the result matches
-    `nf4_code()` to 1e-7.
+    `nf4_code()` to 1e-7. Dettmers et al. 2023 (QLoRA), arXiv:2305.14314, section 3.
+    Returns (16,), ascending.
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy.codebooks import derive_nf4_code, nf4_code
+        >>> bool(np.allclose(derive_nf4_code(), nf4_code(), rtol=0, atol=1e-7))
+        True
     """
     normal = statistics.NormalDist()
     positive = [normal.inv_cdf(p) for p in _linspace_float32(offset, 0.5, 9)[:-1]]
@@ -243,7 +269,14 @@ def fp4_code() -> np.ndarray:
 
     The three low bits (2 exponent bits, 1 mantissa bit) select the magnitudes
     0, 0.0625, 8, 12, 4, 6, 2, 3, divided by 12 so the largest is 1. Codes 0 and 8 both decode
-    to zero ("-0"; bitsandbytes stores it as +0.0, and so do we).
+    to zero ("-0"; bitsandbytes stores it as +0.0, and so do we). Returns (16,). QLoRA
+    (Dettmers et al. 2023, arXiv:2305.14314) compares it with NF4.
+
+    Examples:
+        >>> from lowrank.numpy import fp4_code
+        >>> fp4_code()[:8] * 12  # the positive half, in units of 1/12
+        array([ 0.    ,  0.0625,  8.    , 12.    ,  4.    ,  6.    ,  2.    ,  3.    ],
+              dtype=float32)
     """
     magnitudes = np.array([0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0], dtype=np.float32)
     signed = np.concatenate([magnitudes, np.where(magnitudes > 0, -magnitudes, 0.0)])
@@ -255,7 +288,12 @@ def int4_code() -> np.ndarray:
 
     Values k / 7 for k = -7..7 use 15 of the 16 codes; code 0 (-8/7) is never chosen because
     scaled values lie in [-1, 1]. Evenly spaced levels waste resolution on the tails where
-    normally distributed weights are rare; that is what NF4 fixes.
+    normally distributed weights are rare; that is what NF4 fixes. Returns (16,), ascending.
+
+    Examples:
+        >>> from lowrank.numpy import int4_code
+        >>> int4_code()[[0, 1, 8, 15]] * 7  # code c holds (c - 8) / 7
+        array([-8., -7.,  0.,  7.], dtype=float32)
     """
     return (np.arange(16, dtype=np.float32) - np.float32(8.0)) / np.float32(7.0)
 
@@ -268,13 +306,33 @@ def dynamic_map() -> np.ndarray:
     times that decade, with both signs; plus 0 and 1. Small magnitudes get few, finely spaced
     levels and large magnitudes more, coarser ones: relative precision, like an exponent and a
     mantissa. Bit-identical to `bitsandbytes.functional.create_dynamic_map(signed=True)`.
+    QLoRA stores its block scales in it (Dettmers et al. 2023, arXiv:2305.14314); it is also
+    the map of 8-bit optimizers (Dettmers et al. 2022, arXiv:2110.02861). Returns (256,).
+
+    Examples:
+        >>> from lowrank.numpy import dynamic_map
+        >>> levels = dynamic_map()
+        >>> levels.shape, levels.dtype, float(levels.max())
+        ((256,), dtype('float32'), 1.0)
+        >>> print(levels[levels > 0].min())  # the smallest positive level: 1e-6 * (0.1 + 1) / 2
+        5.5000004e-07
     """
     levels = np.concatenate([-_DYNAMIC_POSITIVE, [0.0, 1.0], _DYNAMIC_POSITIVE])
     return np.sort(levels.astype(np.float32))
 
 
 def derive_dynamic_map() -> np.ndarray:
-    """The dynamic map from its formula, in float64 (see `dynamic_map`)."""
+    """The dynamic map from its formula, in float64 (see `dynamic_map`): (256,), ascending.
+
+    It agrees with the float32 table to 2 units in the last place (bitsandbytes builds the
+    table with float32 `torch.linspace`, whose rounding no closed formula reproduces).
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy.codebooks import derive_dynamic_map, dynamic_map
+        >>> bool(np.allclose(derive_dynamic_map(), dynamic_map(), rtol=1e-6, atol=0))
+        True
+    """
     levels = [0.0, 1.0]
     for decade in range(7):
         edges = np.linspace(0.1, 1.0, 2**decade + 1)
@@ -284,6 +342,17 @@ def derive_dynamic_map() -> np.ndarray:
 
 
 def code_for(quant_type: str) -> np.ndarray:
-    """The 16-level table of `quant_type` ("nf4", "fp4" or "int4"), index = 4-bit code."""
+    """The 16-level table of `quant_type` ("nf4", "fp4" or "int4"), index = 4-bit code: (16,).
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy.codebooks import code_for, nf4_code
+        >>> bool(np.array_equal(code_for("nf4"), nf4_code()))
+        True
+        >>> code_for("nf5")
+        Traceback (most recent call last):
+            ...
+        ValueError: unknown quant_type 'nf5'; expected one of ('nf4', 'fp4', 'int4')
+    """
     check_quant_type(quant_type)
     return {"nf4": nf4_code, "fp4": fp4_code, "int4": int4_code}[quant_type]()

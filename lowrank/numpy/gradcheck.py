@@ -13,7 +13,7 @@ scale) is off by order 1. Float32 would leave only ~1e-3: always check in float6
 This is the CS231n recipe (eval_numerical_gradient and eval_numerical_gradient_array), kept
 small so that later issues and classroom assignments can reuse it:
 
-    from lowrank.numpy import numerical_gradient, relative_error
+    from lowrank.numpy import numerical_gradient_of_output, relative_error
     layer.forward(x); dx = layer.backward(dy)
     dx_num = numerical_gradient_of_output(lambda x: layer.forward(x), x, dy)
     assert relative_error(dx, dx_num) < 1e-7
@@ -22,6 +22,8 @@ small so that later issues and classroom assignments can reuse it:
 from collections.abc import Callable
 
 import numpy as np
+
+__all__ = ["numerical_gradient", "numerical_gradient_of_output", "relative_error"]
 
 
 def _check_perturbable(x: np.ndarray, h: float) -> None:
@@ -53,6 +55,15 @@ def numerical_gradient(
     (a layer's `A`, a model's weight). That is what makes it easy to check parameter gradients:
     `numerical_gradient(lambda _: loss(), layer.A)`. Costs 2 * x.size calls of `f`.
     Returns an array of x's shape.
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import numerical_gradient
+        >>> x = np.array([1.0, 2.0, 3.0])
+        >>> numerical_gradient(lambda x: np.sum(x**2), x)  # d/dx sum(x^2) = 2x
+        array([2., 4., 6.])
+        >>> x  # restored exactly
+        array([1., 2., 3.])
     """
     _check_perturbable(x, h)
     grad = np.zeros_like(x)
@@ -77,6 +88,26 @@ def numerical_gradient_of_output(
     output arrays before contracting with `dout` (as CS231n's eval_numerical_gradient_array
     does) loses less precision than differencing the two scalar sums. `x` is perturbed in place
     and restored, as in `numerical_gradient`.
+
+    Args:
+        f: x (x's shape) -> an array of dout's shape.
+        x: a float64 array, perturbed in place and restored.
+        dout: dL/df(x), the shape of f(x).
+        h: the finite-difference step.
+
+    Returns:
+        dL/dx, an array of x's shape.
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import Linear, numerical_gradient_of_output, relative_error
+        >>> rng = np.random.default_rng(0)
+        >>> layer, x, dy = Linear(3, 2, rng=rng), rng.normal(size=(4, 3)), rng.normal(size=(4, 2))
+        >>> _ = layer.forward(x)
+        >>> dx = layer.backward(dy)  # the hand-written backward pass, (4, 2) -> (4, 3)
+        >>> dx_num = numerical_gradient_of_output(layer.forward, x, dy)
+        >>> bool(relative_error(dx, dx_num) < 1e-7)
+        True
     """
     _check_perturbable(x, h)
     grad = np.zeros_like(x)
@@ -102,6 +133,15 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     of noise to a zero is order 1. Dividing by the scale of the whole array keeps the test
     sharp (a wrong backward is still off by order 1) without that false alarm. Two all-zero
     arrays have error 0. Rule of thumb in float64: < 1e-7 is correct, > 1e-3 is a bug.
+    `a` and `b` must have the same shape (any shape); the result is a float.
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import relative_error
+        >>> round(relative_error(np.array([1.0, 2.0]), np.array([1.0, 2.5])), 4)  # 0.5 / 4.5
+        0.1111
+        >>> relative_error(np.zeros(3), np.zeros(3))
+        0.0
     """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)

@@ -25,8 +25,8 @@ part. A 4-bit base (`qlora.Linear4bit`) drops in without changing a line here. T
 wrapper holds several named adapters, so its r, alpha and scale are dicts keyed by name where
 this one holds the values themselves.
 
-(About 330 lines: the plain `Linear` lives here beside the LoRALinear that wraps it; torch has
-nn.Linear for that.)
+(About 430 lines, a fifth of them docstring examples: the plain `Linear` lives here beside the
+LoRALinear that wraps it; torch has nn.Linear for that.)
 
 Dtype: layers compute in float64 (the reference precision, needed for gradient checks); a
 float32 weight stays float32, anything else is converted to float64.
@@ -37,6 +37,8 @@ import math
 import numpy as np
 
 from lowrank._validate import check_adapter, check_int
+
+__all__ = ["Linear", "LoRALinear", "kaiming_uniform_A"]
 
 
 def kaiming_uniform_A(
@@ -53,6 +55,26 @@ def kaiming_uniform_A(
               = sqrt(3) / sqrt(3) / sqrt(fan_in) = 1 / sqrt(fan_in)
 
     and for a weight [r, in] the fan-in is `in`. So the whole recipe is 1 / sqrt(in).
+    LoRA (Hu et al. 2021, arXiv:2106.09685) starts A random and B at zero; this is the random
+    draw PEFT uses for A by default.
+
+    Args:
+        r: rows of A, the adapter's rank.
+        in_features: columns of A, the layer's input size.
+        rng: where the random numbers come from.
+        dtype: the dtype of the returned array.
+
+    Returns:
+        A: (r, in_features), every entry in [-1/sqrt(in_features), 1/sqrt(in_features)].
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import kaiming_uniform_A
+        >>> A = kaiming_uniform_A(4, 16, np.random.default_rng(0))
+        >>> A.shape, A.dtype
+        ((4, 16), dtype('float64'))
+        >>> bool(np.abs(A).max() <= 1 / np.sqrt(16))
+        True
     """
     bound = 1.0 / np.sqrt(in_features)
     return rng.uniform(-bound, bound, size=(r, in_features)).astype(dtype, copy=False)
@@ -79,6 +101,21 @@ class Linear:
     uniform(-1/sqrt(in), 1/sqrt(in)) as nn.Linear does (see `kaiming_uniform_A`). Assign
     `.weight` / `.bias` to load other values. Set `requires_grad = False` to freeze it: it then
     has no parameters and its backward returns only dx.
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import Linear
+        >>> layer = Linear(3, 2, rng=np.random.default_rng(0))
+        >>> layer.weight.shape, layer.bias.shape  # W (out, in), b (out,)
+        ((2, 3), (2,))
+        >>> y = layer.forward(np.ones((4, 3)))  # (batch, in) -> (batch, out)
+        >>> y.shape
+        (4, 2)
+        >>> dx = layer.backward(np.ones_like(y))  # dL/dy (batch, out) -> dL/dx (batch, in)
+        >>> dx.shape, layer.grad_weight.shape, layer.grad_bias.shape
+        ((4, 3), (2, 3), (2,))
+        >>> sorted(layer.params())
+        ['bias', 'weight']
     """
 
     def __init__(
@@ -103,7 +140,15 @@ class Linear:
     @classmethod
     def frozen(cls, weight: np.ndarray, bias: np.ndarray | None = None) -> "Linear":
         """A frozen Linear holding copies of `weight` [out, in] and `bias` [out] (float32 stays
-        float32, the rest becomes float64): the base layer LoRALinear wraps."""
+        float32, the rest becomes float64): the base layer LoRALinear wraps.
+
+        Examples:
+            >>> import numpy as np
+            >>> from lowrank.numpy import Linear
+            >>> base = Linear.frozen(np.eye(2, dtype=np.float32), np.zeros(2))
+            >>> base.weight.dtype, base.bias.dtype, base.requires_grad, base.params()
+            (dtype('float32'), dtype('float64'), False, {})
+        """
         weight = _as_float_array("weight", weight, ndim=2)  # (out, in)
         bias = None if bias is None else _as_float_array("bias", bias, ndim=1)  # (out,)
         if bias is not None and bias.shape != (weight.shape[0],):
@@ -156,12 +201,16 @@ class Linear:
 class LoRALinear:
     """A frozen linear layer (W, b) plus a trainable LoRA update scale * B @ A.
 
-    Arguments:
+    LoRA: Hu et al. 2021, arXiv:2106.09685; `use_rslora`: Kalajdzievski 2023, arXiv:2312.03732.
+    Shapes: x (..., in) -> y (..., out), with A (r, in) and B (out, r).
+
+    Args:
         weight: W [out, in], frozen (copied: `merge` changes the layer's copy, not yours).
         bias: b [out] or None, frozen.
         r: the rank, a positive int; above min(in, out) it warns (B @ A cannot have a higher
             rank), as PEFT allows it (see `lowrank._validate.check_rank`).
         alpha: the scale numerator; scale = alpha / r (or alpha / sqrt(r) with use_rslora).
+        use_rslora: scale by alpha / sqrt(r) (rsLoRA) instead of alpha / r.
         dropout: probability of zeroing an input element of the LoRA path while training
             (inverted dropout: survivors are divided by 1 - p). The frozen path sees x intact.
         init: how to draw A. "kaiming": uniform(-1/sqrt(in), 1/sqrt(in)), nn.Linear's and
@@ -171,6 +220,26 @@ class LoRALinear:
 
     Each `forward` caches what `backward` needs; `backward(dy)` returns dx and sets
     `grad_A` and `grad_B` (overwriting, not accumulating). W and b get no gradient.
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import LoRALinear
+        >>> rng = np.random.default_rng(0)
+        >>> W = rng.normal(size=(8, 16))  # (out, in)
+        >>> layer = LoRALinear(W, r=2, alpha=4)
+        >>> layer.A.shape, layer.B.shape, layer.scale  # A (r, in), B (out, r), alpha / r
+        ((2, 16), (8, 2), 2.0)
+        >>> x = rng.normal(size=(5, 16))  # (batch, in)
+        >>> bool(np.allclose(layer.forward(x), x @ W.T))  # B = 0: the frozen layer's output
+        True
+        >>> dx = layer.backward(np.ones((5, 8)))  # dL/dy (batch, out) -> dL/dx (batch, in)
+        >>> dx.shape, layer.grad_A.shape, layer.grad_B.shape
+        ((5, 16), (2, 16), (8, 2))
+        >>> layer.B[...] = rng.normal(size=(8, 2))  # as if trained
+        >>> y = layer.forward(x, training=False)
+        >>> layer.merge()  # W += scale * B @ A: one matmul from now on
+        >>> bool(np.allclose(layer.forward(x), y))
+        True
     """
 
     def __init__(
@@ -216,7 +285,16 @@ class LoRALinear:
 
     @property
     def scale(self) -> float:
-        """alpha / r, or alpha / sqrt(r) with rsLoRA (derived, so it always follows alpha)."""
+        """alpha / r, or alpha / sqrt(r) with rsLoRA (derived, so it always follows alpha).
+
+        Examples:
+            >>> import numpy as np
+            >>> from lowrank.numpy import LoRALinear
+            >>> LoRALinear(np.zeros((4, 4)), r=4, alpha=8).scale
+            2.0
+            >>> LoRALinear(np.zeros((4, 4)), r=4, alpha=8, use_rslora=True).scale
+            4.0
+        """
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     @property
@@ -296,7 +374,17 @@ class LoRALinear:
         return self.base_layer.backward(dy) + dx_lora  # dy W: (..., out) @ (out, in) -> (..., in)
 
     def delta_weight(self) -> np.ndarray:
-        """The update this adapter adds to W: scale * B @ A, [out, in], of rank <= r."""
+        """The update this adapter adds to W: scale * B @ A, [out, in], of rank <= r.
+
+        Examples:
+            >>> import numpy as np
+            >>> from lowrank.numpy import LoRALinear
+            >>> layer = LoRALinear(np.zeros((6, 5)), r=2)
+            >>> layer.B[...] = 1.0
+            >>> delta = layer.delta_weight()
+            >>> delta.shape, int(np.linalg.matrix_rank(delta))
+            ((6, 5), 1)
+        """
         return self.scale * (self.B @ self.A)  # (out, r) @ (r, in) -> (out, in)
 
     def merged_weight(self, sign: float = 1.0) -> np.ndarray:

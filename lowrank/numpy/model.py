@@ -25,9 +25,21 @@ from lowrank._validate import check_quant_type
 from .lora import Linear, LoRALinear
 from .qlora import Linear4bit, QLoRALinear
 
+__all__ = ["MLP", "ReLU", "add_lora", "lora_layers", "merge_lora", "unmerge_lora"]
+
 
 class ReLU:
-    """max(x, 0), elementwise; no parameters."""
+    """max(x, 0), elementwise; no parameters. x (...) -> y (...), dL/dy (...) -> dL/dx (...).
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import ReLU
+        >>> relu = ReLU()
+        >>> relu.forward(np.array([-1.0, 0.0, 2.0]))
+        array([0., 0., 2.])
+        >>> relu.backward(np.ones(3))  # the gradient passes where the input was positive
+        array([0., 0., 1.])
+    """
 
     def __init__(self) -> None:
         self._positive: np.ndarray | None = None
@@ -55,7 +67,21 @@ class MLP:
     """Linear -> ReLU -> ... -> Linear for the feature sizes given, e.g. [16, 64, 64, 10].
 
     `layers` is a plain list (Linear at even indices, ReLU between them); its layers are
-    initialised like nn.Linear from `rng` (default seeded 0). `forward` returns logits.
+    initialised like nn.Linear from `rng` (default seeded 0). `forward` returns logits:
+    x (batch, sizes[0]) -> (batch, sizes[-1]).
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import MLP
+        >>> model = MLP([4, 8, 3], rng=np.random.default_rng(0))
+        >>> [type(layer).__name__ for layer in model.layers]
+        ['Linear', 'ReLU', 'Linear']
+        >>> model.forward(np.zeros((2, 4))).shape  # (batch, 4) -> logits (batch, 3)
+        (2, 3)
+        >>> list(model.parameters())
+        ['layers.0.weight', 'layers.0.bias', 'layers.2.weight', 'layers.2.bias']
+        >>> model.num_parameters()  # 4 * 8 + 8 + 8 * 3 + 3
+        67
     """
 
     def __init__(self, sizes: Sequence[int], *, rng: np.random.Generator | None = None) -> None:
@@ -134,6 +160,24 @@ def add_lora(
     the model changes: a bad argument leaves it as it was. Afterwards `model.parameters()`
     holds only the adapters' A and B: build the optimizer after this call. The new adapters
     start with B = 0, so the model computes what it did.
+
+    LoRA: Hu et al. 2021, arXiv:2106.09685; QLoRA: Dettmers et al. 2023, arXiv:2305.14314.
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import MLP, add_lora
+        >>> model = MLP([4, 8, 3])
+        >>> x = np.ones((2, 4))
+        >>> before = model.forward(x)
+        >>> model = add_lora(model, r=2, alpha=4)
+        >>> list(model.parameters())
+        ['layers.0.A', 'layers.0.B', 'layers.2.A', 'layers.2.B']
+        >>> model.num_trainable()  # 2 * (4 + 8) + 2 * (8 + 3)
+        46
+        >>> bool(np.allclose(model.forward(x), before))  # B = 0: nothing changed yet
+        True
+        >>> type(add_lora(MLP([4, 8, 3]), [2], r=2, quant_type="nf4").layers[2]).__name__
+        'QLoRALinear'
     """
     linear_indices = [i for i, layer in enumerate(model.layers) if isinstance(layer, Linear)]
     targets = linear_indices if targets is None else list(targets)
@@ -169,7 +213,13 @@ def add_lora(
 
 
 def lora_layers(model: MLP) -> list[tuple[str, LoRALinear]]:
-    """(name, layer) for every LoRALinear of the model, in order ("layers.0", ...)."""
+    """(name, layer) for every LoRALinear of the model, in order ("layers.0", ...).
+
+    Examples:
+        >>> from lowrank.numpy import MLP, add_lora, lora_layers
+        >>> [name for name, _ in lora_layers(add_lora(MLP([4, 8, 8, 3]), [2, 4], r=2))]
+        ['layers.2', 'layers.4']
+    """
     return [
         (f"layers.{i}", layer)
         for i, layer in enumerate(model.layers)
@@ -179,7 +229,24 @@ def lora_layers(model: MLP) -> list[tuple[str, LoRALinear]]:
 
 def merge_lora(model: MLP) -> MLP:
     """Fold every adapter into its frozen weight (see LoRALinear.merge). Checks every layer
-    before it changes any: a merge that would give NaN or inf changes nothing."""
+    before it changes any: a merge that would give NaN or inf changes nothing. Returns the
+    model, whose forward then costs what the model without adapters cost (Hu et al. 2021,
+    arXiv:2106.09685, section 4.2: no inference latency).
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import MLP, add_lora, lora_layers, merge_lora
+        >>> model = add_lora(MLP([4, 8, 3]), r=2)
+        >>> for _, layer in lora_layers(model):
+        ...     layer.B[...] = 0.1  # as if trained
+        >>> x = np.ones((2, 4))
+        >>> y = model.forward(x, training=False)
+        >>> model = merge_lora(model)
+        >>> [layer.merged for _, layer in lora_layers(model)]
+        [True, True]
+        >>> bool(np.allclose(model.forward(x), y))
+        True
+    """
     layers = lora_layers(model)
     if any(layer.merged for _, layer in layers):
         raise RuntimeError("the model is already merged; merging twice would add updates twice")
@@ -192,7 +259,18 @@ def merge_lora(model: MLP) -> MLP:
 
 
 def unmerge_lora(model: MLP) -> MLP:
-    """Take every adapter out of its weight again (see LoRALinear.unmerge). Returns the model."""
+    """Take every adapter out of its weight again (see LoRALinear.unmerge). Returns the model.
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import MLP, add_lora, merge_lora, unmerge_lora
+        >>> model = add_lora(MLP([4, 8, 3]), r=2)
+        >>> model.layers[0].B[...] = 0.1  # as if trained
+        >>> W = model.layers[0].weight.copy()
+        >>> model = unmerge_lora(merge_lora(model))
+        >>> model.layers[0].merged, bool(np.allclose(model.layers[0].weight, W))
+        (False, True)
+    """
     for _, layer in lora_layers(model):
         layer.unmerge()
     return model

@@ -13,6 +13,8 @@ so in float64 the two agree to rounding (torch.optim.AdamW / SGD are the tests' 
 
 import numpy as np
 
+__all__ = ["SGD", "AdamW"]
+
 
 def _check_params(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if not isinstance(params, dict) or not params:
@@ -46,6 +48,21 @@ class SGD:
 
     buf = momentum * buf + g        (buf = g on the first step)
     p  -= lr * buf
+
+    `params` and the `grads` given to `step` map the same names to arrays of the same shapes;
+    each parameter array is updated in place.
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import SGD
+        >>> w = np.array([1.0, -2.0])
+        >>> optimizer = SGD({"w": w}, lr=0.1, momentum=0.9)
+        >>> optimizer.step({"w": np.array([1.0, 1.0])})
+        >>> w  # updated in place: w - 0.1 * g
+        array([ 0.9, -2.1])
+        >>> optimizer.step({"w": np.array([1.0, 1.0])})
+        >>> w  # the momentum buffer is now 0.9 * g + g = 1.9 g
+        array([ 0.71, -2.29])
     """
 
     def __init__(self, params: dict[str, np.ndarray], lr: float, momentum: float = 0.0) -> None:
@@ -57,6 +74,7 @@ class SGD:
         self.buffers: dict[str, np.ndarray] = {}
 
     def step(self, grads: dict[str, np.ndarray]) -> None:
+        """Update every parameter in place from `grads` (the same names and shapes)."""
         _check_grads(self.params, grads)
         for name, p in self.params.items():
             g = grads[name]
@@ -86,6 +104,21 @@ class AdamW:
     The last line is computed in torch's arrangement,
     p -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps), which is why `step` looks slightly
     different; the maths is the same.
+
+    Loshchilov & Hutter 2019, arXiv:1711.05101 (Adam: Kingma & Ba 2015, arXiv:1412.6980).
+    `params` and the `grads` given to `step` map the same names to arrays of the same shapes;
+    each parameter array is updated in place, and `m`, `v` hold one array of its shape each.
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import AdamW
+        >>> w = np.array([1.0, -2.0])
+        >>> optimizer = AdamW({"w": w}, lr=0.1, weight_decay=0.0)
+        >>> optimizer.step({"w": np.array([0.5, -3.0])})
+        >>> w  # the first step moves every weight by about lr, whatever the gradient's size
+        array([ 0.9, -1.9])
+        >>> optimizer.t, optimizer.m["w"].shape, optimizer.v["w"].shape
+        (1, (2,), (2,))
     """
 
     def __init__(
@@ -111,6 +144,7 @@ class AdamW:
         self.v = {name: np.zeros_like(p) for name, p in params.items()}  # second moments
 
     def step(self, grads: dict[str, np.ndarray]) -> None:
+        """One AdamW step: update every parameter in place from `grads` (same names, shapes)."""
         _check_grads(self.params, grads)
         self.t += 1
         bias_correction1 = 1 - self.beta1**self.t

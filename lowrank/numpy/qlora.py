@@ -25,17 +25,38 @@ from .lora import Linear, LoRALinear
 from .quant import dequantize_4bit, quantize_4bit
 from .quantized import DOUBLE_QUANT_BLOCKSIZE, Quantized4bit
 
+__all__ = ["Linear4bit", "QLoRALinear"]
+
 
 class Linear4bit:
     """A frozen linear layer stored in 4 bits: y = x @ W^T + b, W [out, in] decoded on the fly.
 
-    Attributes (the quantized weight, see `quantized.Quantized4bit`):
-        weight_packed  uint8 (ceil(out * in / 2),)  two codes per byte
-        weight_absmax  float32 (n_blocks,), or uint8 codes with double quantization
-        weight_offset  float32 (double quantization) or None
-        weight_absmax2 float32 (ceil(n_blocks / 256),) (double quantization) or None
+    QLoRA's frozen base (Dettmers et al. 2023, arXiv:2305.14314). x (..., in) -> y (..., out).
+    The quantized weight's fields are those of `quantized.Quantized4bit`.
+
+    Attributes:
+        weight_packed: uint8 (ceil(out * in / 2),), two codes per byte.
+        weight_absmax: float32 (n_blocks,), or uint8 codes with double quantization.
+        weight_offset: float32 (double quantization) or None.
+        weight_absmax2: float32 (ceil(n_blocks / 256),) (double quantization) or None.
+        bias: (out,) in full precision, frozen, or None.
+
     There is deliberately no `.weight`: no full-precision copy exists; `dequantize_weight()`
-    decodes one on demand. `bias` (or None) stays in full precision, frozen.
+    decodes one on demand.
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import Linear, Linear4bit
+        >>> base = Linear(64, 8, rng=np.random.default_rng(0))
+        >>> layer = Linear4bit.from_linear(base)  # NF4, blocksize 64, double quantization
+        >>> layer.weight_packed.shape, layer.weight_absmax.shape, hasattr(layer, "weight")
+        ((256,), (8,), False)
+        >>> x = np.ones((2, 64))
+        >>> y = layer.forward(x)  # (batch, in) -> (batch, out)
+        >>> y.shape, bool(np.allclose(y, x @ layer.dequantize_weight().T + base.bias))
+        ((2, 8), True)
+        >>> layer.backward(np.ones((2, 8))).shape  # dL/dy -> dL/dx, W decoded again
+        (2, 64)
     """
 
     def __init__(
@@ -160,6 +181,24 @@ class QLoRALinear(LoRALinear):
     `blocksize` and `double_quant` (see `quant.quantize_4bit`). The full-precision `weight` is
     quantized at construction and not kept. A and B take the dtype LoRALinear gives them
     (float64 for float64 input).
+
+    QLoRA: Dettmers et al. 2023, arXiv:2305.14314; LoRA: Hu et al. 2021, arXiv:2106.09685.
+    x (..., in) -> y (..., out), with A (r, in) and B (out, r).
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import QLoRALinear
+        >>> W = np.random.default_rng(0).normal(size=(8, 64))  # (out, in)
+        >>> layer = QLoRALinear(W, r=4, alpha=8)
+        >>> type(layer.base_layer).__name__, layer.A.shape, layer.B.shape
+        ('Linear4bit', (4, 64), (8, 4))
+        >>> x = np.ones((2, 64))
+        >>> bool(np.allclose(layer.forward(x), x @ layer.base_weight().T))  # B = 0
+        True
+        >>> layer.backward(np.ones((2, 8))).shape
+        (2, 64)
+        >>> sorted(layer.params())  # only the adapter trains
+        ['A', 'B']
     """
 
     def __init__(

@@ -19,6 +19,9 @@ the nearest 8-bit level times absmax2, plus offset, which may lie above the bloc
 absmax; near the top of float32 that rounds to inf, so it is clamped to +-FLOAT32_MAX (only
 towards the true absmax, which is finite).
 
+Constants: `DOUBLE_QUANT_BLOCKSIZE` (256), the number of block scales that share one float32
+`absmax2`; `FLOAT32_MAX`, the largest finite float32, the clamp of every decoded scale.
+
 This file imports the code tables and nothing from `quant.py`, which imports it.
 """
 
@@ -35,16 +38,38 @@ from .codebooks import dynamic_map
 DOUBLE_QUANT_BLOCKSIZE = 256  # block of absmax values that share one float32 scale
 FLOAT32_MAX = np.float32(np.finfo(np.float32).max)  # no decoded scale goes beyond it
 
+__all__ = ["DOUBLE_QUANT_BLOCKSIZE", "FLOAT32_MAX", "Quantized4bit", "check_quantized"]
+
 
 @dataclass(frozen=True, eq=False)
 class Quantized4bit:
     """A 4-bit blockwise-quantized array: everything needed to rebuild it, nothing more.
 
-    packed:  uint8 (ceil(n / 2),), two codes per byte, element 2j in the high nibble.
-    absmax:  float32 (n_blocks,) block scales; with double quantization uint8 codes of
-             `dynamic_map()` for (absmax - offset), in blocks of 256.
-    offset:  float32 mean of the block scales (double quantization), else None.
-    absmax2: float32 (ceil(n_blocks / 256),) scales of the absmax codes, else None.
+    QLoRA's storage format (Dettmers et al. 2023, arXiv:2305.14314), field for field
+    bitsandbytes'. n is the number of elements, n_blocks = ceil(n / blocksize).
+
+    Attributes:
+        packed: uint8 (ceil(n / 2),), two codes per byte, element 2j in the high nibble.
+        absmax: float32 (n_blocks,) block scales; with double quantization uint8 codes of
+            `dynamic_map()` for (absmax - offset), in blocks of 256.
+        offset: float32 mean of the block scales (double quantization), else None.
+        absmax2: float32 (ceil(n_blocks / 256),) scales of the absmax codes, else None.
+        shape: the shape of the quantized array.
+        dtype: the dtype it had.
+        blocksize: values per block.
+        quant_type: "nf4", "fp4" or "int4".
+        double_quant: whether the block scales are double-quantized.
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import quantize_4bit
+        >>> q = quantize_4bit(np.ones((2, 32), np.float32), double_quant=False)
+        >>> q.shape, q.packed.shape, q.absmax
+        ((2, 32), (32,), array([1.], dtype=float32))
+        >>> q.nbytes  # 32 bytes of codes + one float32 scale
+        36
+        >>> quantize_4bit(np.ones((2, 32), np.float32)).absmax_float32()  # rebuilt from 8 bits
+        array([1.], dtype=float32)
     """
 
     packed: np.ndarray
@@ -87,6 +112,18 @@ def check_quantized(q: Quantized4bit, *, values: bool = True) -> None:
     the offset must be finite: O(n_blocks) work; `packed` is never read (every byte is a
     valid pair of codes). Wrong types raise `ArgumentTypeError` (a TypeError and a
     ValueError), inconsistent values `ValueError`.
+
+    Examples:
+        >>> import dataclasses
+        >>> import numpy as np
+        >>> from lowrank.numpy import quantize_4bit
+        >>> from lowrank.numpy.quantized import check_quantized
+        >>> q = quantize_4bit(np.ones((2, 32), np.float32))
+        >>> check_quantized(q)  # consistent: returns None
+        >>> check_quantized(dataclasses.replace(q, packed=q.packed[:-1]))
+        Traceback (most recent call last):
+            ...
+        ValueError: Quantized4bit.packed must be 1-D with 32 entries (ceil(n / 2) bytes ...
     """
     if not isinstance(q, Quantized4bit):
         raise ArgumentTypeError(f"expected a Quantized4bit, got {type(q).__name__}")

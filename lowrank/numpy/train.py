@@ -14,6 +14,8 @@ import numpy as np
 
 from .model import MLP
 
+__all__ = ["accuracy", "softmax_cross_entropy", "train", "train_step"]
+
 
 def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
     """Mean cross-entropy of integer `labels` (batch,) under softmax(logits (batch, classes)).
@@ -21,6 +23,23 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float
     Returns (loss, dL/dlogits). Subtracting each row's max before exponentiating changes
     nothing mathematically and keeps exp() from overflowing. The gradient is the classic
     (softmax(logits) - one_hot(labels)) / batch.
+
+    Args:
+        logits: (batch, classes), any real numbers.
+        labels: (batch,), ints in [0, classes).
+
+    Returns:
+        (loss, dlogits): the mean loss, a float, and dL/dlogits, (batch, classes).
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import softmax_cross_entropy
+        >>> loss, dlogits = softmax_cross_entropy(np.zeros((2, 3)), np.array([0, 2]))
+        >>> round(loss, 4)  # log(3): a uniform guess among 3 classes
+        1.0986
+        >>> dlogits
+        array([[-0.3333,  0.1667,  0.1667],
+               [ 0.1667,  0.1667, -0.3333]])
     """
     if logits.ndim != 2 or labels.shape != (logits.shape[0],):
         raise ValueError(
@@ -39,7 +58,20 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float
 
 
 def train_step(model: MLP, x: np.ndarray, y: np.ndarray, optimizer: object) -> float:
-    """One forward, backward and optimizer step on the batch (x, y). Returns the loss."""
+    """One forward, backward and optimizer step on the batch (x, y). Returns the loss.
+
+    x: (batch, sizes[0]) inputs; y: (batch,) integer labels; `optimizer` has `step(grads)`.
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import MLP, SGD, train_step
+        >>> model = MLP([2, 4, 2])
+        >>> optimizer = SGD(model.parameters(), lr=0.5)
+        >>> x, y = np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 1])
+        >>> first = train_step(model, x, y, optimizer)
+        >>> bool(train_step(model, x, y, optimizer) < first)  # the step lowered the loss
+        True
+    """
     loss, dlogits = softmax_cross_entropy(model.forward(x, training=True), y)
     model.backward(dlogits)
     optimizer.step(model.gradients())
@@ -59,7 +91,22 @@ def train(
     """Mini-batch training: each epoch visits the examples once, in an order drawn from `rng`.
 
     `optimizer` is any object with `step(grads)` built on `model.parameters()` (SGD, AdamW).
-    Returns the loss of every step, in order.
+    X: (n, sizes[0]) inputs, y: (n,) integer labels. Returns the loss of every step, in order:
+    epochs * ceil(n / batch_size) floats.
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import MLP, AdamW, accuracy, train
+        >>> rng = np.random.default_rng(0)
+        >>> X = rng.normal(size=(64, 2))
+        >>> y = (X[:, 0] > 0).astype(int)  # the sign of the first feature
+        >>> model = MLP([2, 8, 2], rng=rng)
+        >>> losses = train(model, X, y, AdamW(model.parameters(), lr=0.05), epochs=10,
+        ...                batch_size=16, rng=rng)
+        >>> len(losses), bool(losses[-1] < losses[0])
+        (40, True)
+        >>> bool(accuracy(model, X, y) > 0.9)
+        True
     """
     if len(X) != len(y) or len(X) == 0:
         raise ValueError(
@@ -77,5 +124,17 @@ def train(
 
 
 def accuracy(model: MLP, X: np.ndarray, y: np.ndarray) -> float:
-    """Share of examples whose highest logit is the true label (no dropout)."""
+    """Share of examples whose highest logit is the true label (no dropout), in [0, 1].
+
+    X: (n, sizes[0]) inputs, y: (n,) integer labels.
+
+    Examples:
+        >>> import numpy as np
+        >>> from lowrank.numpy import MLP, accuracy
+        >>> model = MLP([2, 2])
+        >>> model.layers[0].weight[...] = np.eye(2)  # the logits are the inputs themselves
+        >>> model.layers[0].bias[...] = 0.0
+        >>> accuracy(model, np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), np.array([0, 1, 1]))
+        0.6666666666666666
+    """
     return float(np.mean(model.forward(X, training=False).argmax(axis=1) == y))

@@ -6,7 +6,9 @@ adds adapters; this file manages them (the PEFT file format is in `peft_format.p
 
 - `list_adapters`, `set_active_adapter`, `disable_adapters` (a context manager),
   `delete_adapter`;
-- `combine_adapters`: a new adapter from a weighted mix of others ("linear", "cat", "svd").
+- `combine_adapters`: a new adapter from a weighted mix of others, by one of `COMBINATIONS`
+  ("linear", "cat", "svd");
+- `check_known`, `check_unmerged`: the guards these functions (and the PEFT loader) share.
 """
 
 import math
@@ -22,11 +24,34 @@ from lowrank._validate import ArgumentTypeError, RankWarning, check_adapter_name
 from lowrank.torch.lora import LoRALayer
 from lowrank.torch.model import lora_layers, mark_only_lora_trainable, replace_module
 
-COMBINATIONS = ("linear", "cat", "svd")
+__all__ = [
+    "COMBINATIONS",
+    "list_adapters",
+    "check_known",
+    "check_unmerged",
+    "set_active_adapter",
+    "disable_adapters",
+    "delete_adapter",
+    "combine_adapters",
+]
+
+COMBINATIONS = ("linear", "cat", "svd")  # how `combine_adapters` can mix adapters
 
 
 def list_adapters(model: nn.Module) -> list[str]:
-    """Adapter names on `model`, in the order they first appear."""
+    """Adapter names on `model`, in the order they first appear.
+
+    Examples:
+        >>> from collections import OrderedDict
+        >>> from torch import nn
+        >>> from lowrank.torch.adapters import list_adapters
+        >>> from lowrank.torch.model import add_lora
+        >>> model = nn.Sequential(OrderedDict(q=nn.Linear(8, 8), v=nn.Linear(8, 8)))
+        >>> _ = add_lora(model, ["q", "v"], r=2, adapter_name="sst2")
+        >>> _ = add_lora(model, ["q"], r=2, adapter_name="imdb")
+        >>> list_adapters(model)
+        ['sst2', 'imdb']
+    """
     names: dict[str, None] = {}
     for _, layer in lora_layers(model):
         names.update(dict.fromkeys(layer.A))
@@ -34,18 +59,61 @@ def list_adapters(model: nn.Module) -> list[str]:
 
 
 def check_known(model: nn.Module, name: str) -> None:
+    """Raise ValueError, listing the model's adapters, unless it has an adapter `name`.
+
+    Examples:
+        >>> from collections import OrderedDict
+        >>> from torch import nn
+        >>> from lowrank.torch.adapters import check_known
+        >>> from lowrank.torch.model import add_lora
+        >>> model = add_lora(nn.Sequential(OrderedDict(q=nn.Linear(8, 8))), ["q"], r=2)
+        >>> check_known(model, "default")
+        >>> check_known(model, "sst2")
+        Traceback (most recent call last):
+            ...
+        ValueError: no adapter named 'sst2'; the model has ['default']
+    """
     if name not in list_adapters(model):
         raise ValueError(f"no adapter named {name!r}; the model has {list_adapters(model)}")
 
 
 def check_unmerged(model: nn.Module, action: str) -> None:
+    """Raise RuntimeError, saying `action` needs `unmerge_lora` first, if any layer is merged.
+
+    Examples:
+        >>> from collections import OrderedDict
+        >>> from torch import nn
+        >>> from lowrank.torch.adapters import check_unmerged
+        >>> from lowrank.torch.model import add_lora, merge_lora
+        >>> model = add_lora(nn.Sequential(OrderedDict(q=nn.Linear(8, 8))), ["q"], r=2)
+        >>> check_unmerged(model, "switch adapters")
+        >>> check_unmerged(merge_lora(model), "switch adapters")
+        Traceback (most recent call last):
+            ...
+        RuntimeError: the model is merged; unmerge_lora(model) before you switch adapters
+    """
     if any(layer.merged for _, layer in lora_layers(model)):
         raise RuntimeError(f"the model is merged; unmerge_lora(model) before you {action}")
 
 
 def set_active_adapter(model: nn.Module, name: str) -> None:
     """Make adapter `name` the one every LoRA layer adds (layers without it add nothing);
-    only its A and B require grad afterwards."""
+    only its A and B require grad afterwards.
+
+    Examples:
+        >>> from collections import OrderedDict
+        >>> from torch import nn
+        >>> from lowrank.torch.adapters import set_active_adapter
+        >>> from lowrank.torch.model import active_adapter, add_lora
+        >>> model = nn.Sequential(OrderedDict(q=nn.Linear(8, 8), v=nn.Linear(8, 8)))
+        >>> _ = add_lora(model, ["q", "v"], r=2, adapter_name="sst2")
+        >>> _ = add_lora(model, ["q"], r=2, adapter_name="imdb")
+        >>> active_adapter(model)  # the first adapter added
+        'sst2'
+        >>> set_active_adapter(model, "imdb")  # v has no "imdb": it adds nothing now
+        >>> [name for name, p in model.named_parameters() if p.requires_grad]
+        ['q.A.imdb', 'q.B.imdb']
+    """
     check_known(model, name)
     check_unmerged(model, "switch adapters")
     for _, layer in lora_layers(model):
@@ -60,6 +128,22 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     Inside the block no adapter adds anything and none is trainable (as in PEFT: a step taken
     there must not move an adapter that did not take part); on leaving, every flag and every
     requires_grad is restored, also after an exception.
+
+    Examples:
+        >>> from collections import OrderedDict
+        >>> import torch
+        >>> from torch import nn
+        >>> from lowrank.torch.adapters import disable_adapters
+        >>> from lowrank.torch.model import add_lora
+        >>> _ = torch.manual_seed(0)
+        >>> model = add_lora(nn.Sequential(OrderedDict(q=nn.Linear(8, 8))), ["q"], r=2)
+        >>> _ = nn.init.normal_(model.q.B["default"])  # as if trained
+        >>> x = torch.randn(3, 8)
+        >>> with disable_adapters(model):
+        ...     torch.equal(model(x), model.q.base_layer(x))
+        True
+        >>> torch.equal(model(x), model.q.base_layer(x)), model.q.B["default"].requires_grad
+        (False, True)
     """
     check_unmerged(model, "disable adapters")
     layers = [layer for _, layer in lora_layers(model)]
@@ -82,7 +166,22 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name` everywhere; a layer left without adapters becomes its plain base
     layer again. Deleting the active adapter leaves no adapter active: unlike PEFT, which
     activates one of the remaining adapters, lowrank does not switch the model to another
-    task's adapter without being asked (`set_active_adapter` does that)."""
+    task's adapter without being asked (`set_active_adapter` does that).
+
+    Examples:
+        >>> from collections import OrderedDict
+        >>> from torch import nn
+        >>> from lowrank.torch.adapters import delete_adapter, list_adapters
+        >>> from lowrank.torch.model import add_lora
+        >>> model = nn.Sequential(OrderedDict(q=nn.Linear(8, 8), v=nn.Linear(8, 8)))
+        >>> _ = add_lora(model, ["q", "v"], r=2, adapter_name="sst2")  # active
+        >>> _ = add_lora(model, ["q"], r=2, adapter_name="imdb")
+        >>> delete_adapter(model, "sst2")
+        >>> list_adapters(model), type(model.q).__name__, type(model.v).__name__
+        (['imdb'], 'LoRALinear', 'Linear')
+        >>> print(model.q.active_adapter)  # not switched to "imdb" behind your back
+        None
+    """
     check_known(model, name)
     if any(name == layer.merged_adapter for _, layer in lora_layers(model)):
         raise RuntimeError(f"adapter {name!r} is merged; unmerge_lora(model) first")
@@ -131,6 +230,27 @@ def combine_adapters(
 
     Every layer's factors are computed and checked (finite) before any layer changes; if
     adding them fails anyway, the new adapter is removed again: the model is as it was.
+
+    Examples:
+        >>> from collections import OrderedDict
+        >>> import torch
+        >>> from torch import nn
+        >>> from lowrank.torch.adapters import combine_adapters
+        >>> from lowrank.torch.model import add_lora
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(OrderedDict(q=nn.Linear(8, 8)))
+        >>> for name in ("sst2", "imdb"):
+        ...     _ = add_lora(model, ["q"], r=2, adapter_name=name)
+        ...     _ = nn.init.normal_(model.q.B[name])  # as if trained
+        >>> combine_adapters(model, ["sst2", "imdb"], [0.5, 0.5], "mix", combination="cat")
+        >>> model.q.r["mix"]  # ranks add up
+        4
+        >>> dW = 0.5 * model.q.delta_weight("sst2") + 0.5 * model.q.delta_weight("imdb")
+        >>> torch.allclose(model.q.delta_weight("mix"), dW, atol=1e-6)  # exactly the mix
+        True
+        >>> combine_adapters(model, ["sst2", "imdb"], [0.5, 0.5], "mix2", r=2)  # "svd"
+        >>> model.q.A["mix2"].shape  # the best rank-2 approximation of dW: (r, in)
+        torch.Size([2, 8])
     """
     if combination not in COMBINATIONS:
         raise ValueError(f"combination must be one of {COMBINATIONS}, got {combination!r}")

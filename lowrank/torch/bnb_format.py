@@ -1,6 +1,9 @@
 """bitsandbytes' serialized 4-bit format: the state-dict entries its `Linear4bit` saves, read
 into and written from a `lowrank.torch.quantized.Quantized4bit`.
 
+This is how QLoRA's 4-bit weights (NF4 or FP4; Dettmers et al. 2023, arXiv:2305.14314) are
+stored in transformers checkpoints; double quantization stores the block scales themselves as
+8-bit codes of the dynamic map (Dettmers et al. 2022, arXiv:2110.02861).
 The codes and scales need no conversion: `quant.quantize_4bit` is bit-identical to
 `bitsandbytes.functional.quantize_4bit` (tests/interop/test_bitsandbytes.py checks both
 directions against bitsandbytes itself). Only the layout of the entries is bitsandbytes' own.
@@ -35,11 +38,37 @@ _BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _NESTED_META = ("nested_blocksize", "nested_dtype", "nested_offset")  # metadata keys
 _NESTED_ENTRIES = (".nested_absmax", ".nested_quant_map")  # state-dict entries
 
+__all__ = ["to_bnb_state_dict", "from_bnb_state_dict"]
+
 
 def to_bnb_state_dict(q: Quantized4bit, prefix: str = "weight") -> dict[str, torch.Tensor]:
     """The state-dict entries bitsandbytes' `Linear4bit` saves for a weight quantized as `q`;
     `Params4bit.from_prequantized` (what transformers uses) loads them. `q` is checked first
-    (`quantized.check_quantized`)."""
+    (`quantized.check_quantized`).
+
+    For n = prod(q.shape) values in blocks of q.blocksize: `<prefix>` uint8 [ceil(n / 2), 1],
+    `<prefix>.absmax` [n_blocks], `<prefix>.quant_map` float32 [16], with double quantization
+    `<prefix>.nested_absmax` [ceil(n_blocks / 256)] and `<prefix>.nested_quant_map` float32
+    [256], and the JSON metadata as uint8 bytes.
+
+    Examples:
+        >>> import torch
+        >>> from lowrank.torch.bnb_format import to_bnb_state_dict
+        >>> from lowrank.torch.quant import quantize_4bit
+        >>> _ = torch.manual_seed(0)
+        >>> q = quantize_4bit(torch.randn(8, 16), quant_type="nf4", blocksize=64)
+        >>> state = to_bnb_state_dict(q)
+        >>> for key, tensor in state.items():
+        ...     if "quant_state" not in key:
+        ...         print(key, tuple(tensor.shape), tensor.dtype)
+        weight (64, 1) torch.uint8
+        weight.absmax (2,) torch.uint8
+        weight.quant_map (16,) torch.float32
+        weight.nested_absmax (1,) torch.float32
+        weight.nested_quant_map (256,) torch.float32
+        >>> [key for key in state if "quant_state" in key]
+        ['weight.quant_state.bitsandbytes__nf4']
+    """
     check_quantized(q)
     if q.quant_type not in ("nf4", "fp4"):
         raise ValueError(f"bitsandbytes stores nf4 or fp4, not {q.quant_type!r}")
@@ -86,6 +115,24 @@ def from_bnb_state_dict(
     packed bytes must fit prod(shape), absmax ceil(n / blocksize) and nested_absmax
     ceil(n_blocks / 256). A missing entry, malformed metadata or a contradiction raises
     ValueError naming the key (a wrong type `ArgumentTypeError`, a TypeError and a ValueError).
+
+    Examples:
+        >>> import torch
+        >>> from lowrank.torch.bnb_format import from_bnb_state_dict, to_bnb_state_dict
+        >>> from lowrank.torch.quant import dequantize_4bit, quantize_4bit
+        >>> _ = torch.manual_seed(0)
+        >>> q = quantize_4bit(torch.randn(8, 16), quant_type="nf4", blocksize=64)
+        >>> state = to_bnb_state_dict(q)
+        >>> back = from_bnb_state_dict(state)
+        >>> back.shape, back.quant_type, back.double_quant
+        ((8, 16), 'nf4', True)
+        >>> torch.equal(dequantize_4bit(back), dequantize_4bit(q))
+        True
+        >>> del state["weight.nested_absmax"]
+        >>> from_bnb_state_dict(state)
+        Traceback (most recent call last):
+            ...
+        ValueError: the state dict lacks 'weight.nested_absmax', which double quantization ...
     """
     blob_key, meta = _read_meta(state_dict, prefix)
     quant_type, blocksize, dtype, shape = _read_layout(meta, blob_key)

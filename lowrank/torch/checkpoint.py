@@ -1,9 +1,10 @@
 """What training wrote, as files (a file format): `save_trainable` / `load_trainable`.
 
-A training run's folder holds the LoRA adapters in the Hugging Face PEFT layout
-(`peft_format.py`: adapter_config.json + adapter_model.safetensors, loadable by
-`PeftModel.from_pretrained`) and every other trainable tensor (a classification head, or the
-whole model in full fine-tuning) under its parameter name in `trainable.safetensors`. The
+A training run's folder holds the LoRA adapters (Hu et al. 2021, arXiv:2106.09685) in the
+Hugging Face PEFT layout (`peft_format.py`: adapter_config.json + adapter_model.safetensors,
+loadable by `PeftModel.from_pretrained`) and every other trainable tensor (a classification
+head, or the whole model in full fine-tuning) under its parameter name in
+`trainable.safetensors` (`TRAINABLE_NAME`). The
 folder changes as a unit (`lowrank._folders`); a load checks everything (`peft_load.py` for
 the adapter) before the model changes, and puts the model back on failure.
 """
@@ -19,9 +20,23 @@ from lowrank._folders import reading_folder, write_folder_atomically
 from lowrank.torch import peft_format, peft_load
 from lowrank.torch.model import active_adapter, lora_layers
 
+__all__ = ["TRAINABLE_NAME", "trainable_parameters", "save_trainable", "load_trainable"]
+
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The parameters the optimizer will update, by qualified name."""
+    """The parameters the optimizer will update, by qualified name.
+
+    Examples:
+        >>> from collections import OrderedDict
+        >>> from torch import nn
+        >>> from lowrank.torch.checkpoint import trainable_parameters
+        >>> from lowrank.torch.model import add_lora
+        >>> model = nn.Sequential(OrderedDict(q=nn.Linear(8, 8), head=nn.Linear(8, 2)))
+        >>> model = add_lora(model, ["q"], r=2)
+        >>> _ = model.head.requires_grad_(True)  # a new head trains in full
+        >>> {name: tuple(p.shape) for name, p in trainable_parameters(model).items()}
+        {'q.A.default': (2, 8), 'q.B.default': (8, 2), 'head.weight': (2, 8), 'head.bias': (2,)}
+    """
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
@@ -38,7 +53,25 @@ def save_trainable(model: nn.Module, folder: str | os.PathLike) -> Path:
     adapter + head or the new ones, never a mix, and files of a kind this save does not write
     this time (an old head) do not survive it. Other entries in the folder stay: `train` writes
     `log.jsonl` and `epoch-<n>/` into the same folder, and the adapter files stay at its top,
-    so `PeftModel.from_pretrained(model, out_dir)` works on a training run's folder."""
+    so `PeftModel.from_pretrained(model, out_dir)` works on a training run's folder.
+
+    Returns the folder's path.
+
+    Examples:
+        >>> import tempfile
+        >>> from collections import OrderedDict
+        >>> from pathlib import Path
+        >>> from torch import nn
+        >>> from lowrank.torch.checkpoint import save_trainable
+        >>> from lowrank.torch.model import add_lora
+        >>> model = nn.Sequential(OrderedDict(q=nn.Linear(8, 8), head=nn.Linear(8, 2)))
+        >>> model = add_lora(model, ["q"], r=2)
+        >>> _ = model.head.requires_grad_(True)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     folder = save_trainable(model, Path(tmp) / "run")
+        ...     sorted(path.name for path in folder.iterdir())
+        ['adapter_config.json', 'adapter_model.safetensors', 'trainable.safetensors']
+    """
     trainable = trainable_parameters(model)
     adapter_ids = _adapter_parameter_ids(model)
     write_adapter = None
@@ -66,7 +99,30 @@ def load_trainable(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     it) and every tensor of `trainable.safetensors` (a parameter of that name exists, or will
     once the adapter's layers are wrapped; the shape is the same exactly, with no
     broadcasting; floating point; finite). On any error the model is exactly as before.
-    The folder is read as one version, so a concurrent save cannot mix two of them."""
+    The folder is read as one version, so a concurrent save cannot mix two of them.
+
+    Examples:
+        >>> import copy
+        >>> import tempfile
+        >>> from collections import OrderedDict
+        >>> from pathlib import Path
+        >>> import torch
+        >>> from torch import nn
+        >>> from lowrank.torch.checkpoint import load_trainable, save_trainable
+        >>> from lowrank.torch.model import add_lora
+        >>> _ = torch.manual_seed(0)
+        >>> base = nn.Sequential(OrderedDict(q=nn.Linear(8, 8), head=nn.Linear(8, 2)))
+        >>> trained = add_lora(copy.deepcopy(base), ["q"], r=2)
+        >>> _ = trained.head.requires_grad_(True)
+        >>> _ = nn.init.normal_(trained.q.B["default"])  # as if trained
+        >>> _ = nn.init.normal_(trained.head.weight)
+        >>> x = torch.randn(3, 8)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     _ = save_trainable(trained, Path(tmp) / "run")
+        ...     loaded = load_trainable(copy.deepcopy(base), Path(tmp) / "run")
+        >>> type(loaded.q).__name__, torch.equal(loaded(x), trained(x))
+        ('LoRALinear', True)
+    """
     with reading_folder(folder) as path:
         has_adapter = (path / peft_format.CONFIG_NAME).exists()
         extra = path / TRAINABLE_NAME

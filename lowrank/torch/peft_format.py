@@ -2,7 +2,8 @@
 
 A LoRA adapter (Hu et al. 2021, arXiv:2106.09685) saved by PEFT is a folder of two files; this
 module writes and reads exactly that, so adapters move between lowrank and PEFT in both
-directions with identical outputs:
+directions with identical outputs. The two files (`CONFIG_NAME`, `WEIGHTS_NAME`; keys start
+with `PREFIX`):
 
     adapter_config.json          {"peft_type": "LORA", "r": 8, "lora_alpha": 16,
                                   "target_modules": [...], "use_rslora": false, ...}
@@ -16,9 +17,11 @@ the rule `add_lora` uses, which is PEFT's. Next to the factors, PEFT may save fu
 a transformers model's input/output embeddings (`<path>.base_layer.weight` when the embedding
 is targeted, `<path>.weight` with `save_embedding_layers`); those load too.
 
-A save changes the folder as a unit (`lowrank._folders.write_folder_atomically`). Reading a
-config and the weights, each checked, is here; `load_adapter`, which checks them against the
-model before changing it and rolls back on failure, is in `peft_load.py`.
+A save changes the folder as a unit (`lowrank._folders.write_folder_atomically`); the files
+it owns there are `ADAPTER_FILES` (the two above, and PEFT's older pickle `PICKLE_NAME`, which
+it drops). Reading a config and the weights, each checked, is here; `load_adapter`, which
+checks them against the model before changing it and rolls back on failure, is in
+`peft_load.py`.
 
 Where lowrank deliberately differs from PEFT, and why:
 - a file may hold only factors of the selected layers and those embedding matrices: PEFT loads
@@ -26,8 +29,8 @@ Where lowrank deliberately differs from PEFT, and why:
   any base weight; lowrank refuses such a key by name. Factors must be finite floating tensors.
 - config values are checked like `add_lora`'s arguments; lora_alpha must be > 0 (PEFT accepts
   0 or a negative alpha, which switch the adapter off or reverse it). Fields lowrank does not
-  implement (modules_to_save, DoRA, exclude_modules, ...: `UNSUPPORTED`) are refused by name
-  rather than ignored.
+  implement (modules_to_save, DoRA, exclude_modules, ...: `UNSUPPORTED`, each with the values
+  that mean "not used") are refused by name rather than ignored.
 - a pattern read from the file that takes more than about a second to match is a ValueError
   (`lowrank._patterns`); PEFT's `re` would run for as long as the pattern takes.
 - `adapter_model.bin` (a pickle) is never read: unpickling runs code.
@@ -68,6 +71,21 @@ PICKLE_NAME = "adapter_model.bin"  # PEFT's older weights file (a pickle: never 
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME)  # what a save owns in its folder
 PREFIX = "base_model.model."
 
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "PICKLE_NAME",
+    "ADAPTER_FILES",
+    "PREFIX",
+    "UNSUPPORTED",
+    "lora_state_dict",
+    "adapter_config",
+    "adapter_writer",
+    "save_adapter",
+    "read_adapter_files",
+    "read_tensors",
+]
+
 
 def _keys(name: str, embedding: bool) -> tuple[str, str]:
     """PEFT's keys for a layer's A and B."""
@@ -77,7 +95,19 @@ def _keys(name: str, embedding: bool) -> tuple[str, str]:
 
 
 def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """Adapter `adapter_name`'s factors under PEFT's keys (detached, on the CPU)."""
+    """Adapter `adapter_name`'s factors under PEFT's keys (detached, on the CPU).
+
+    A layer's A is [r, in] and its B [out, r] (an embedding's A is [r, num_embeddings]).
+
+    Examples:
+        >>> from collections import OrderedDict
+        >>> from torch import nn
+        >>> from lowrank.torch.model import add_lora
+        >>> from lowrank.torch.peft_format import lora_state_dict
+        >>> model = add_lora(nn.Sequential(OrderedDict(q=nn.Linear(8, 4))), ["q"], r=2)
+        >>> {key: tuple(tensor.shape) for key, tensor in lora_state_dict(model).items()}
+        {'base_model.model.q.lora_A.weight': (2, 8), 'base_model.model.q.lora_B.weight': (4, 2)}
+    """
     check_known(model, adapter_name)
     state = {}
     for name, layer in lora_layers(model):
@@ -132,6 +162,19 @@ def adapter_config(
     r and lora_alpha are the most common values; layers that differ are listed in
     rank_pattern / alpha_pattern under their escaped full names (PEFT reads keys as regexes;
     `_pattern_key`).
+
+    Examples:
+        >>> from collections import OrderedDict
+        >>> from torch import nn
+        >>> from lowrank.torch.model import add_lora
+        >>> from lowrank.torch.peft_format import adapter_config
+        >>> model = nn.Sequential(
+        ...     OrderedDict(q=nn.Linear(8, 8), k=nn.Linear(8, 8), v=nn.Linear(8, 8))
+        ... )
+        >>> _ = add_lora(model, ["q", "k", "v"], r=2, alpha=4, rank_pattern={"v": 4})
+        >>> config = adapter_config(model)
+        >>> config["r"], config["lora_alpha"], config["target_modules"], config["rank_pattern"]
+        (2, 4, ['k', 'q', 'v'], {'v': 4})
     """
     check_known(model, adapter_name)
     layers = [(n, layer) for n, layer in lora_layers(model) if adapter_name in layer.A]
@@ -173,7 +216,22 @@ def adapter_writer(
     model: nn.Module, adapter_name: str, base_model_name_or_path: str | None
 ) -> Callable[[Path], None]:
     """Everything checked and gathered now; the returned function writes the two files into
-    a folder (the temporary one of `write_folder_atomically`)."""
+    a folder (the temporary one of `write_folder_atomically`).
+
+    Examples:
+        >>> import tempfile
+        >>> from collections import OrderedDict
+        >>> from pathlib import Path
+        >>> from torch import nn
+        >>> from lowrank.torch.model import add_lora
+        >>> from lowrank.torch.peft_format import adapter_writer
+        >>> model = add_lora(nn.Sequential(OrderedDict(q=nn.Linear(8, 4))), ["q"], r=2)
+        >>> write = adapter_writer(model, "default", None)  # a bad adapter raises here
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     write(Path(folder))
+        ...     sorted(path.name for path in Path(folder).iterdir())
+        ['adapter_config.json', 'adapter_model.safetensors']
+    """
     config = adapter_config(model, adapter_name, base_model_name_or_path)
     tensors = lora_state_dict(model, adapter_name)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
@@ -200,6 +258,19 @@ def save_adapter(
     config beside the old weights. Other files in the folder (a training log) are kept; an
     `adapter_model.bin` from an earlier save is dropped (it would contradict the new config).
     `PeftModel.from_pretrained(base_model, path)` loads it.
+
+    Examples:
+        >>> import tempfile
+        >>> from collections import OrderedDict
+        >>> from pathlib import Path
+        >>> from torch import nn
+        >>> from lowrank.torch.model import add_lora
+        >>> from lowrank.torch.peft_format import save_adapter
+        >>> model = add_lora(nn.Sequential(OrderedDict(q=nn.Linear(8, 4))), ["q"], r=2)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     save_adapter(model, Path(tmp) / "adapter")
+        ...     sorted(path.name for path in (Path(tmp) / "adapter").iterdir())
+        ['adapter_config.json', 'adapter_model.safetensors']
     """
     write_folder_atomically(
         path, adapter_writer(model, adapter_name, base_model_name_or_path), owns=ADAPTER_FILES
@@ -280,7 +351,24 @@ def _check_pattern(raw: dict, field: str, check: Callable[[str, object], object]
 
 def read_adapter_files(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """The checked config and the tensors of an adapter folder; ValueError naming the file
-    that is missing or unreadable. Call inside `reading_folder(folder)`."""
+    that is missing or unreadable. Call inside `reading_folder(folder)`.
+
+    Examples:
+        >>> import tempfile
+        >>> from collections import OrderedDict
+        >>> from pathlib import Path
+        >>> from torch import nn
+        >>> from lowrank._folders import reading_folder
+        >>> from lowrank.torch.model import add_lora
+        >>> from lowrank.torch.peft_format import read_adapter_files, save_adapter
+        >>> model = add_lora(nn.Sequential(OrderedDict(q=nn.Linear(8, 4))), ["q"], r=2)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     save_adapter(model, Path(tmp) / "adapter")
+        ...     with reading_folder(Path(tmp) / "adapter") as folder:
+        ...         config, tensors = read_adapter_files(folder)
+        >>> config["r"], config["target_modules"], sorted(tensors)
+        (2, ['q'], ['base_model.model.q.lora_A.weight', 'base_model.model.q.lora_B.weight'])
+    """
     config_path = folder / CONFIG_NAME
     try:
         raw = json.loads(config_path.read_text(encoding="utf-8"))
@@ -294,7 +382,25 @@ def read_adapter_files(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, each checked to be a finite floating tensor.
-    ValueError naming the file (and the key) otherwise."""
+    ValueError naming the file (and the key) otherwise.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> import torch
+        >>> from safetensors.torch import save_file
+        >>> from lowrank.torch.peft_format import read_tensors
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     save_file({"A": torch.zeros(2, 8)}, Path(tmp) / "good.safetensors")
+        ...     save_file({"ids": torch.arange(3)}, Path(tmp) / "bad.safetensors")
+        ...     good = read_tensors(Path(tmp) / "good.safetensors")
+        ...     read_tensors(Path(tmp) / "bad.safetensors")
+        Traceback (most recent call last):
+            ...
+        ValueError: ...bad.safetensors: ids has dtype torch.int64; expected floating point
+        >>> good["A"].shape
+        torch.Size([2, 8])
+    """
     if not path.is_file():
         pickle = path.with_name(PICKLE_NAME)
         hint = f" ({pickle.name}, a pickle, is not read: save it as safetensors)"

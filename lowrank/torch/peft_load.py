@@ -32,10 +32,39 @@ from lowrank.torch.model import (
 )
 from lowrank.torch.peft_format import CONFIG_NAME, PREFIX, _keys, read_adapter_files
 
+__all__ = ["AdapterPlan", "plan_load", "apply_plan", "load_adapter"]
+
 
 @dataclass
 class AdapterPlan:
-    """A checked adapter load: what `apply_plan` will do to the model."""
+    """A checked adapter load: what `apply_plan` will do to the model (made by `plan_load`).
+
+    Each entry of `layers` is (qualified name, r, alpha, A [r, in], B [out, r]); each entry of
+    `base_weights` is (the model's parameter, the value the file holds for it).
+
+    Examples:
+        >>> import tempfile
+        >>> from collections import OrderedDict
+        >>> from pathlib import Path
+        >>> from torch import nn
+        >>> from lowrank._folders import reading_folder
+        >>> from lowrank.torch.model import add_lora
+        >>> from lowrank.torch.peft_format import read_adapter_files, save_adapter
+        >>> from lowrank.torch.peft_load import apply_plan, plan_load
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> folder = Path(tmp.name) / "adapter"
+        >>> trained = add_lora(nn.Sequential(OrderedDict(q=nn.Linear(8, 4))), ["q"], r=2)
+        >>> save_adapter(trained, folder)
+        >>> with reading_folder(folder) as path:
+        ...     config, tensors = read_adapter_files(path)
+        >>> model = nn.Sequential(OrderedDict(q=nn.Linear(8, 4)))
+        >>> plan = plan_load(model, folder, config, tensors)
+        >>> plan.adapter_name, plan.existing  # a new adapter: its layers are wrapped first
+        ('default', False)
+        >>> [(name, r, alpha, A.shape, B.shape) for name, r, alpha, A, B in plan.layers]
+        [('q', 2, 16.0, torch.Size([2, 8]), torch.Size([4, 2]))]
+        >>> tmp.cleanup()
+    """
 
     folder: Path
     config: dict
@@ -53,7 +82,36 @@ def plan_load(
     adapter_name: str = "default",
 ) -> AdapterPlan:
     """Check a config and its tensors against the model without changing it: keys, shapes,
-    ranks, the existing adapter. ValueError naming the first mismatches."""
+    ranks, the existing adapter. ValueError naming the first mismatches.
+
+    `config` and `tensors` are what `peft_format.read_adapter_files` read from `folder`
+    (named in errors); each layer's A must be [r, in] and B [out, r] for the layer it names.
+
+    Examples:
+        >>> import tempfile
+        >>> from collections import OrderedDict
+        >>> from pathlib import Path
+        >>> from torch import nn
+        >>> from lowrank._folders import reading_folder
+        >>> from lowrank.torch.model import add_lora
+        >>> from lowrank.torch.peft_format import read_adapter_files, save_adapter
+        >>> from lowrank.torch.peft_load import apply_plan, plan_load
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> folder = Path(tmp.name) / "adapter"
+        >>> trained = add_lora(nn.Sequential(OrderedDict(q=nn.Linear(8, 4))), ["q"], r=2)
+        >>> save_adapter(trained, folder)
+        >>> with reading_folder(folder) as path:
+        ...     config, tensors = read_adapter_files(path)
+        >>> model = nn.Sequential(OrderedDict(q=nn.Linear(8, 4)))
+        >>> plan = plan_load(model, folder, config, tensors)
+        >>> [name for name, *_ in plan.layers], type(model.q).__name__  # the model is unchanged
+        (['q'], 'Linear')
+        >>> plan_load(nn.Sequential(OrderedDict(q=nn.Linear(8, 8))), folder, config, tensors)
+        Traceback (most recent call last):
+            ...
+        ValueError: adapter in ... does not fit the model (1): q: A (2, 8), B (4, 2) but ...
+        >>> tmp.cleanup()
+    """
     check_adapter_name(adapter_name)
     modules = dict(model.named_modules())
     try:
@@ -174,7 +232,30 @@ def apply_plan(
     extra_weights: list[tuple[nn.Parameter, torch.Tensor]] = (),
 ) -> None:
     """Carry out a checked load, then copy `extra_weights` (checked by the caller: e.g. a
-    trained head); if anything fails half-way, the model is put back as it was."""
+    trained head); if anything fails half-way, the model is put back as it was.
+
+    Examples:
+        >>> import tempfile
+        >>> from collections import OrderedDict
+        >>> from pathlib import Path
+        >>> from torch import nn
+        >>> from lowrank._folders import reading_folder
+        >>> from lowrank.torch.model import add_lora
+        >>> from lowrank.torch.peft_format import read_adapter_files, save_adapter
+        >>> from lowrank.torch.peft_load import apply_plan, plan_load
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> folder = Path(tmp.name) / "adapter"
+        >>> trained = add_lora(nn.Sequential(OrderedDict(q=nn.Linear(8, 4))), ["q"], r=2)
+        >>> save_adapter(trained, folder)
+        >>> with reading_folder(folder) as path:
+        ...     config, tensors = read_adapter_files(path)
+        >>> model = nn.Sequential(OrderedDict(q=nn.Linear(8, 4)))
+        >>> plan = plan_load(model, folder, config, tensors)
+        >>> apply_plan(model, plan)
+        >>> type(model.q).__name__, model.q.r, model.q.active_adapter
+        ('LoRALinear', {'default': 2}, 'default')
+        >>> tmp.cleanup()
+    """
     weights = [*plan.base_weights, *extra_weights]
     snapshot = _snapshot(model, [parameter for parameter, _ in weights])
     config = plan.config
@@ -234,6 +315,27 @@ def load_adapter(
 
     The folder is read as one version (`lowrank._folders.reading_folder`), so a concurrent
     `save_adapter` cannot hand it the config of one adapter and the weights of another.
+
+    Examples:
+        >>> import copy
+        >>> import tempfile
+        >>> from collections import OrderedDict
+        >>> from pathlib import Path
+        >>> import torch
+        >>> from torch import nn
+        >>> from lowrank.torch.model import add_lora
+        >>> from lowrank.torch.peft_format import save_adapter
+        >>> from lowrank.torch.peft_load import load_adapter
+        >>> _ = torch.manual_seed(0)
+        >>> base = nn.Sequential(OrderedDict(q=nn.Linear(8, 4)))
+        >>> trained = add_lora(copy.deepcopy(base), ["q"], r=2, alpha=4)
+        >>> _ = nn.init.normal_(trained.q.B["default"])  # as if trained
+        >>> x = torch.randn(3, 8)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     save_adapter(trained, Path(tmp) / "adapter")
+        ...     loaded = load_adapter(copy.deepcopy(base), Path(tmp) / "adapter")
+        >>> loaded.q.r, torch.equal(loaded(x), trained(x))
+        ({'default': 2}, True)
     """
     with reading_folder(path) as folder:
         config, tensors = read_adapter_files(folder)

@@ -8,11 +8,14 @@ What happens, step by step:
 
 - seeding: Python's and torch's generators are seeded (init, dropout), and the shuffling has its own
   generator, so a run repeats exactly on the same machine.
-- the optimizer is AdamW over the parameters that require grad, and only those. With LoRA
+- the optimizer is AdamW (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization",
+  arXiv:1711.05101) over the parameters that require grad, and only those. With LoRA
   that is A and B (plus a task head): the optimizer's two moments exist only for them, which
   is most of LoRA's memory saving (Hu et al. 2021, arXiv:2106.09685, section 4.2).
 - the learning rate rises linearly from 0 over the warmup steps, then follows half a cosine
-  down to 0 at the last step (the schedule of `transformers.get_cosine_schedule_with_warmup`).
+  down to 0 at the last step (`cosine_with_warmup`: the schedule of
+  `transformers.get_cosine_schedule_with_warmup`; cosine annealing as in SGDR, Loshchilov &
+  Hutter 2017, arXiv:1608.03983).
 - gradient accumulation: `grad_accum_steps` micro-batches of `batch_size` examples are
   back-propagated (each loss divided by their number) before one optimizer step, so the step
   sees the mean gradient of batch_size * grad_accum_steps examples.
@@ -48,10 +51,35 @@ from tqdm.auto import tqdm
 
 from lowrank.torch.checkpoint import save_trainable, trainable_parameters
 
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "seed_everything",
+    "default_device",
+    "cosine_with_warmup",
+    "enable_gradient_checkpointing",
+    "move_to",
+    "train",
+]
+
 
 @dataclass
 class TrainConfig:
-    """Every knob of `train`, with defaults that suit LoRA on a small model."""
+    """Every knob of `train`, with defaults that suit LoRA on a small model.
+
+    Checked when made: counts must be positive ints, lr and max_grad_norm positive,
+    warmup_ratio in [0, 1); ValueError otherwise.
+
+    Examples:
+        >>> from lowrank.torch.train import TrainConfig
+        >>> config = TrainConfig(epochs=2, batch_size=4, grad_accum_steps=2, progress=False)
+        >>> config.batch_size * config.grad_accum_steps  # examples per optimizer step
+        8
+        >>> TrainConfig(lr=0)
+        Traceback (most recent call last):
+            ...
+        ValueError: lr must be positive, got 0
+    """
 
     epochs: int = 1
     batch_size: int = 16  # examples per micro-batch
@@ -86,7 +114,13 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a run produced: per-step losses, per-epoch metrics, time, and where files went."""
+    """What a run produced: per-step losses, per-epoch metrics, time, and where files went.
+
+    Examples:
+        >>> from lowrank.torch.train import TrainResult
+        >>> TrainResult()  # what `train` fills in as it goes
+        TrainResult(losses=[], evals=[], steps=0, wall_time_s=0.0, out_dir=None)
+    """
 
     losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step
     evals: list[dict[str, float]] = field(default_factory=list)  # one dict per epoch
@@ -96,18 +130,41 @@ class TrainResult:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's and torch's (CPU and CUDA) global generators: weight init, dropout."""
+    """Seed Python's and torch's (CPU and CUDA) global generators: weight init, dropout.
+
+    Examples:
+        >>> import torch
+        >>> from lowrank.torch.train import seed_everything
+        >>> seed_everything(0)
+        >>> first = torch.rand(3)
+        >>> seed_everything(0)
+        >>> torch.equal(torch.rand(3), first)
+        True
+    """
     random.seed(seed)
     torch.manual_seed(seed)
 
 
 def default_device() -> torch.device:
+    """CUDA if it is available, else the CPU: where `train` runs when `config.device` is None.
+
+    Examples:
+        >>> from lowrank.torch.train import default_device
+        >>> default_device().type in ("cuda", "cpu")
+        True
+    """
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int) -> float:
     """The learning-rate multiplier at optimizer step `step` (0-based): 0 -> 1 linearly over
-    `warmup_steps`, then 1 -> 0 along half a cosine at `total_steps`."""
+    `warmup_steps`, then 1 -> 0 along half a cosine at `total_steps`.
+
+    Examples:
+        >>> from lowrank.torch.train import cosine_with_warmup
+        >>> [round(cosine_with_warmup(step, 10, 2), 4) for step in range(0, 11, 2)]
+        [0.0, 1.0, 0.8536, 0.5, 0.1464, 0.0]
+    """
     if step < warmup_steps:
         return step / max(1, warmup_steps)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -119,6 +176,17 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
     Non-reentrant checkpointing (use_reentrant=False) computes correct gradients even when the
     block's inputs do not require grad, which is the case when the embeddings are frozen.
+
+    Examples:
+        >>> from torch import nn
+        >>> from lowrank.torch.hf import load_model, minilm_path
+        >>> from lowrank.torch.train import enable_gradient_checkpointing
+        >>> model = load_model(minilm_path())  # doctest: +SKIP
+        >>> enable_gradient_checkpointing(model)  # doctest: +SKIP
+        >>> enable_gradient_checkpointing(nn.Linear(8, 8))
+        Traceback (most recent call last):
+            ...
+        ValueError: gradient checkpointing needs a Hugging Face model ...
     """
     for module in model.modules():
         if hasattr(module, "gradient_checkpointing_enable"):
@@ -132,7 +200,16 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
-    """`batch` with every tensor inside (dicts, lists, tuples) moved to `device`."""
+    """`batch` with every tensor inside (dicts, lists, tuples) moved to `device`.
+
+    Examples:
+        >>> import torch
+        >>> from lowrank.torch.train import move_to
+        >>> batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "extra": [torch.ones(2)]}
+        >>> moved = move_to(batch, torch.device("meta"))
+        >>> moved["input_ids"].device, moved["extra"][0].device
+        (device(type='meta'), device(type='meta'))
+    """
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
     if isinstance(batch, dict):
@@ -153,11 +230,45 @@ def train(
 ) -> TrainResult:
     """Train the parameters of `model` that require grad on `examples`; see the module doc.
 
-    examples: anything indexable with a length (a list of dicts, a Dataset).
-    collate: turns a list of examples into a batch (tensors, or dicts/tuples of tensors);
-        the batch is moved to the device for you.
-    loss_fn(model, batch): the mean loss of the batch, a scalar tensor.
-    evaluate(model): metrics after each epoch, called under no_grad in eval mode.
+    AdamW (Loshchilov & Hutter 2019, arXiv:1711.05101) with linear warmup and cosine decay,
+    gradient accumulation and clipping; with LoRA only A and B (and a task head) train.
+
+    Args:
+        model: the model; moved to the device, left in eval mode at the end.
+        examples: anything indexable with a length (a list of dicts, a Dataset).
+        config: epochs, batch size, learning rate and the rest (`TrainConfig`).
+        loss_fn: `loss_fn(model, batch)` is the mean loss of the batch, a scalar tensor.
+        collate: turns a list of examples into a batch (tensors, or dicts/tuples of tensors);
+            the batch is moved to the device for you.
+        evaluate: `evaluate(model)` gives metrics after each epoch, called under no_grad in
+            eval mode. None: no evaluation.
+
+    Returns:
+        The per-step losses, per-epoch metrics and wall time (`TrainResult`).
+
+    Examples:
+        >>> from collections import OrderedDict
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from lowrank.torch.model import add_lora
+        >>> from lowrank.torch.train import TrainConfig, train
+        >>> _ = torch.manual_seed(0)
+        >>> examples = [(torch.randn(4), torch.randn(1)) for _ in range(8)]  # (x, y) pairs
+        >>> model = add_lora(nn.Sequential(OrderedDict(fc=nn.Linear(4, 1))), ["fc"], r=1)
+        >>> W = model.fc.base_layer.weight.detach().clone()
+        >>> config = TrainConfig(epochs=2, batch_size=4, lr=1e-2, device="cpu", progress=False)
+        >>> result = train(
+        ...     model,
+        ...     examples,
+        ...     config,
+        ...     loss_fn=lambda model, batch: F.mse_loss(model(batch[0]), batch[1]),
+        ...     collate=lambda items: tuple(torch.stack(column) for column in zip(*items)),
+        ... )
+        >>> result.steps, len(result.losses)  # 2 epochs of 8 / 4 = 2 optimizer steps
+        (4, 4)
+        >>> torch.equal(model.fc.base_layer.weight, W)  # the frozen base did not move
+        True
     """
     if len(examples) == 0:
         raise ValueError("no training examples")
