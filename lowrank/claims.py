@@ -19,10 +19,20 @@ from lowrank.accounting import (
 )
 from lowrank.shapes import GPT3_175B, LLAMA_65B
 
+__all__ = ["Claim", "lora_paper_claims", "qlora_paper_claims"]
+
 
 @dataclass(frozen=True)
 class Claim:
-    """One headline number from a paper next to our count of the same quantity."""
+    """One headline number from a paper next to our count of the same quantity.
+
+    Examples:
+        >>> claim = Claim("trainable parameters", '"10,000x"', 10_000_000, 1_000, "parameters")
+        >>> round(claim.ratio)
+        10000
+        >>> print(claim)
+        trainable parameters: 10,000,000 (10.0M) -> 1,000 (1.0K) (10,000x fewer); paper: "10,000x"
+    """
 
     quantity: str  # what is compared, e.g. "trainable parameters"
     paper: str  # the paper's words
@@ -52,6 +62,13 @@ def lora_paper_claims() -> list[Claim]:
 
     The "10,000x" is trainable parameters and checkpoint size. Training memory falls only
     about 3x (paper) to 6x (our accounting): the frozen 16-bit weights stay on the GPU.
+
+    Examples:
+        >>> params, checkpoint, memory = lora_paper_claims()
+        >>> params.after  # r=4 on W_q and W_v of 96 layers: 96 * 2 * 4 * (12288 + 12288)
+        18874368
+        >>> round(params.ratio), round(memory.ratio, 1)
+        (9251, 6.0)
     """
     shape, lora = GPT3_175B, dict(r=4, targets=("q", "v"))
     full_params = param_counts(shape, method="full")
@@ -92,7 +109,13 @@ def lora_paper_claims() -> list[Claim]:
 
 def qlora_paper_claims() -> list[Claim]:
     """The QLoRA paper's LLaMA-65B numbers (section 1) against ours: LoRA r=64 on every linear
-    layer of the blocks, as the paper's Guanaco runs; NF4 with double quantization."""
+    layer of the blocks, as the paper's Guanaco runs; NF4 with double quantization.
+
+    Examples:
+        >>> weights, memory = qlora_paper_claims()
+        >>> weights.after < 48 * 2**30, memory.after < 48 * 2**30
+        (True, True)
+    """
     shape = LLAMA_65B
     qlora = dict(r=64, targets=tuple(shape.linear_shapes()), adapter_dtype="bf16")
     full_memory = training_memory(shape, method="full", weight_dtype="bf16")

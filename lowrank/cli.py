@@ -19,6 +19,8 @@ from pathlib import Path
 from lowrank import __version__
 from lowrank._validate import FLOAT_DTYPES, METHODS, check_int, check_positive_number
 
+__all__ = ["build_parser", "main"]
+
 PROG = "lowrank"
 
 # What a job raises for a bad input: ValueError (also `_validate.ArgumentTypeError`,
@@ -28,12 +30,12 @@ PROG = "lowrank"
 USER_ERRORS = (ValueError, OSError, ImportError)
 
 
-def error_line(message: str) -> str:
+def _error_line(message: str) -> str:
     """The CLI's one error format: `lowrank: error: <message>` on one line."""
     return f"{PROG}: error: {' '.join(str(message).split())}"
 
 
-def describe(error: BaseException) -> str:
+def _describe(error: BaseException) -> str:
     """A user error in words: the message, or for an operating-system error its file and reason."""
     if isinstance(error, ModuleNotFoundError) and error.name:
         return f"this command needs the {error.name!r} package: pip install 'lowrank[hf]'"
@@ -43,18 +45,18 @@ def describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-class Parser(argparse.ArgumentParser):
+class _Parser(argparse.ArgumentParser):
     """argparse with the CLI's error format (one line, no usage block) and defaults in --help."""
 
     def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        self.exit(2, f"{error_line(message)} (see '{self.prog} --help')\n")
+        self.exit(2, f"{_error_line(message)} (see '{self.prog} --help')\n")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows "(default: ...)" after every option's help, except where the help text already
     says what the default means (a default of None: "decided by ..." reads better)."""
 
@@ -78,11 +80,11 @@ def _int_type(low: int, wanted: str) -> Callable[[str], int]:
     return parse
 
 
-positive_int = _int_type(1, "a positive integer")
-non_negative_int = _int_type(0, "a non-negative integer")
+_positive_int = _int_type(1, "a positive integer")
+_non_negative_int = _int_type(0, "a non-negative integer")
 
 
-def positive_number(text: str) -> float:
+def _positive_number(text: str) -> float:
     """A finite number > 0: inf and nan are refused (alpha=inf trains to a loss of nan)."""
     try:
         return check_positive_number("value", float(text))
@@ -90,7 +92,7 @@ def positive_number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}") from None
 
 
-def layer_names(text: str) -> list[str]:
+def _layer_names(text: str) -> list[str]:
     """Comma-separated layer names ("q_proj,v_proj"), or "all-linear"; no empty names."""
     names = [name.strip() for name in text.split(",")]
     if not all(names):
@@ -100,7 +102,7 @@ def layer_names(text: str) -> list[str]:
     return names
 
 
-def output_folder(text: str) -> str:
+def _output_folder(text: str) -> str:
     """A folder that exists or can be made, and can be written to (checked before any work)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a folder, got an empty path")
@@ -130,9 +132,16 @@ def _job(module: str) -> Callable[[argparse.Namespace], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog=PROG, description=__doc__)
+    """The `lowrank` argument parser: one subcommand per job, every option with help and default.
+
+    Examples:
+        >>> args = build_parser().parse_args(["estimate", "config.json", "--batch-size", "4"])
+        >>> args.command, args.method, args.batch_size, args.seq_len
+        ('estimate', 'qlora', 4, 512)
+    """
+    parser = _Parser(prog=PROG, description=__doc__)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     methods_help = "full: every weight; lora: adapters; qlora: adapters on a 4-bit (NF4) base"
     targets = "comma-separated Hugging Face layer names, or all-linear (default: "
 
@@ -140,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         "numpy-demo",
         help="NumPy only: adapt a tiny pre-trained MLP to a shifted task, full fine-tuning vs LoRA",
     )
-    numpy_demo.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
+    numpy_demo.add_argument("--seed", type=_non_negative_int, default=0, help="random seed")
     numpy_demo.set_defaults(run=_job("numpy_demo"))
 
     demo = commands.add_parser(
@@ -148,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune all-MiniLM-L6-v2 on VADER words: head only, full, LoRA, QLoRA; verify",
     )
     demo.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (for tests)")
-    demo.add_argument("--out", type=output_folder, default="lowrank-report", help="report folder")
+    demo.add_argument("--out", type=_output_folder, default="lowrank-report", help="report folder")
     demo.set_defaults(run=_job("demo"))
 
     finetune = commands.add_parser(
@@ -159,24 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
         "data", help='JSONL: {"text"}, {"prompt", "completion"} or {"text", "label"} per line'
     )
     finetune.add_argument("--method", choices=METHODS, default="lora", help=methods_help)
-    finetune.add_argument("--r", type=positive_int, default=8, help="LoRA rank")
+    finetune.add_argument("--r", type=_positive_int, default=8, help="LoRA rank")
     finetune.add_argument(
-        "--alpha", type=positive_number, default=16.0, help="LoRA alpha (scale = alpha / r)"
+        "--alpha", type=_positive_number, default=16.0, help="LoRA alpha (scale = alpha / r)"
     )
     finetune.add_argument(
         "--targets",
-        type=layer_names,
+        type=_layer_names,
         help=targets + "the query and value projections for lora, all-linear for qlora)",
     )
-    finetune.add_argument("--epochs", type=positive_int, default=1, help="passes over the data")
-    finetune.add_argument("--batch-size", type=positive_int, default=8, help="examples per step")
+    finetune.add_argument("--epochs", type=_positive_int, default=1, help="passes over the data")
+    finetune.add_argument("--batch-size", type=_positive_int, default=8, help="examples per step")
     finetune.add_argument(
         "--lr",
-        type=positive_number,
+        type=_positive_number,
         help="peak learning rate (default: 2e-5 for full, 2e-4 for lora and qlora)",
     )
     finetune.add_argument(
-        "--out", type=output_folder, default="runs/finetune", help="output folder"
+        "--out", type=_output_folder, default="runs/finetune", help="output folder"
     )
     finetune.set_defaults(run=_job("finetune"))
 
@@ -185,11 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     estimate.add_argument("config", help="config.json or a model folder")
     estimate.add_argument("--method", choices=METHODS, default="qlora", help=methods_help)
-    estimate.add_argument("--batch-size", type=positive_int, default=1, help="sequences per step")
-    estimate.add_argument("--seq-len", type=positive_int, default=512, help="tokens per sequence")
-    estimate.add_argument("--r", type=positive_int, default=8, help="LoRA rank")
+    estimate.add_argument("--batch-size", type=_positive_int, default=1, help="sequences per step")
+    estimate.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per sequence")
+    estimate.add_argument("--r", type=_positive_int, default=8, help="LoRA rank")
     estimate.add_argument(
-        "--targets", type=layer_names, help=targets + "the query and value projections)"
+        "--targets", type=_layer_names, help=targets + "the query and value projections)"
     )
     estimate.add_argument(
         "--dtype",
@@ -203,18 +212,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep one activation per layer, recompute the rest in the backward pass",
     )
     estimate.set_defaults(run=_job("estimate"))
+
+    claims = commands.add_parser(
+        "claims", help="one number of the LoRA or QLoRA papers, and what lowrank measures for it"
+    )
+    from lowrank.commands.claims import CLAIMS  # framework-free: no torch at parse time
+
+    claims.add_argument("name", choices=list(CLAIMS), help="which claim (docs: Claims, checked)")
+    claims.add_argument(
+        "--smoke", action="store_true", help="small sizes, seconds (two-tasks, latency, nf4, bits)"
+    )
+    claims.set_defaults(run=_job("claims"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; a user error prints one line `lowrank: error: ...` and returns 2."""
-    args = build_parser().parse_args(argv)  # argparse's errors: Parser.error, exit status 2
+    """Run one command; a user error prints one line `lowrank: error: ...` and returns 2.
+
+    Examples:
+        >>> main(["estimate", "no-such-config.json"])  # doctest: +ELLIPSIS
+        2
+        >>> main(["claims", "bits", "--smoke"])  # doctest: +ELLIPSIS
+        Claim: NF4 with double quantization costs 4.127 bits per weight; ...
+        0
+    """
+    args = build_parser().parse_args(argv)  # argparse's errors: _Parser.error, exit status 2
     try:
         return args.run(args)
     except USER_ERRORS as error:
         if isinstance(error, ImportError) and (error.name or "").startswith("lowrank"):
             raise  # lowrank failing to import itself is a bug, not a missing package
-        print(error_line(describe(error)), file=sys.stderr)
+        print(_error_line(_describe(error)), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

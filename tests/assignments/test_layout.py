@@ -97,6 +97,6 @@ def test_every_notebook_exercise_has_a_solution(notebook):
 
 
 def test_solutions_are_not_linked_from_student_facing_pages():
-    for page in [harness.ROOT / "README.md", *sorted((harness.ROOT / "docs").glob("*.md"))]:
+    for page in [harness.ROOT / "README.md", *sorted((harness.ROOT / "docs").rglob("*.md"))]:
         if page.name != "instructors.md":
             assert "notebook_solutions" not in page.read_text(encoding="utf-8"), page.name
