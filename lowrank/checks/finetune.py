@@ -9,7 +9,14 @@ Oracles: transformers builds the BertModel (on the `meta` device: shapes, no mem
 weights) and torch counts its tensors; LoRA counts read in/out of each targeted nn.Linear of
 that model; training bytes are the formula, term by term, in the message. A counting answer
 may not call lowrank, bitsandbytes, torch, transformers or peft (`COUNTING_FORBIDDEN`): it
-must come from the config. torch and transformers are imported inside the checks."""
+must come from the config. torch and transformers are imported inside the checks.
+
+Constants: `ASSIGNMENT`, the name that seeds every variant; `COUNTING_FORBIDDEN`, the packages
+a counting answer may not call; `TARGETS`, the names of a BERT layer's linear layers that a
+variant's LoRA targets are drawn from.
+
+    check_lora_parameter_count(lora_parameter_count, student_id="ada@example.edu")  # or CheckFailed
+"""
 
 from dataclasses import dataclass
 
@@ -22,6 +29,18 @@ from ._feedback import (
     fmt,
     student_rng,
 )
+
+__all__ = [
+    "ASSIGNMENT",
+    "COUNTING_FORBIDDEN",
+    "TARGETS",
+    "FinetuneVariant",
+    "check_bert_parameter_count",
+    "check_lora_count_answer",
+    "check_lora_parameter_count",
+    "check_training_memory",
+    "finetune_variant",
+]
 
 ASSIGNMENT = "what_finetuning_changes"
 
@@ -41,7 +60,19 @@ TARGETS = (
 
 @dataclass(frozen=True)
 class FinetuneVariant:
-    """One student's numbers: a small BERT shape, a LoRA rank and targets, matrix sizes, seed."""
+    """One student's numbers: a small BERT shape, a LoRA rank and targets, matrix sizes, seed.
+
+    Made by `finetune_variant`: hidden, layers, heads, intermediate, vocab and positions are
+    the BERT's sizes; r and targets the LoRA setup; rows and cols the sizes of the matrices
+    of `spectra.py`'s checks.
+
+    Examples:
+        >>> v = finetune_variant()  # the public variant
+        >>> v.hidden, v.layers, v.heads, v.intermediate, v.vocab, v.positions
+        (64, 3, 2, 128, 198, 32)
+        >>> v.r, v.targets, (v.rows, v.cols)
+        (8, ('attention.self.key', 'output.dense'), (24, 22))
+    """
 
     hidden: int
     layers: int
@@ -57,7 +88,16 @@ class FinetuneVariant:
 
 
 def finetune_variant(student_id: str | None = None) -> FinetuneVariant:
-    """The numbers of `student_id` (None: the public variant)."""
+    """The numbers of `student_id` (None: the public variant); the same id always gets the
+    same variant.
+
+    Examples:
+        >>> v = finetune_variant("ada@example.edu")
+        >>> v.hidden, v.layers, v.r
+        (96, 4, 16)
+        >>> finetune_variant("ada@example.edu") == v
+        True
+    """
     rng = student_rng(student_id, ASSIGNMENT)
     hidden = int(rng.choice([32, 48, 64, 96]))
     picks = rng.permutation(len(TARGETS))[: int(rng.integers(2, 4))]
@@ -76,7 +116,7 @@ def finetune_variant(student_id: str | None = None) -> FinetuneVariant:
     )
 
 
-def bert_config(v: FinetuneVariant):
+def _bert_config(v: FinetuneVariant):
     """A transformers BertConfig of the variant's shape (two token types)."""
     from transformers import BertConfig
 
@@ -102,7 +142,7 @@ def _configs(student_id: str | None) -> list[tuple[str, object]]:
     except ImportError:
         pass
     name = "your BERT" if student_id is not None else "the public BERT"
-    configs.append((name, bert_config(finetune_variant(student_id))))
+    configs.append((name, _bert_config(finetune_variant(student_id))))
     return configs
 
 
@@ -125,7 +165,35 @@ def _describe_config(name: str, c) -> str:
 
 def check_bert_parameter_count(bert_parameter_count, *, student_id: str | None = None) -> None:
     """bert_parameter_count(config) -> the number of parameters of BertModel(config) without
-    the pooler: embeddings (word, position, token type, LayerNorm) and every layer."""
+    the pooler: embeddings (word, position, token type, LayerNorm) and every layer.
+
+    config is a transformers BertConfig (all-MiniLM-L6-v2's, and the variant's); the oracle is
+    transformers building the model on the meta device. The answer may not call torch,
+    transformers or peft (`COUNTING_FORBIDDEN`).
+
+    Examples:
+        >>> def bert_parameter_count(config):
+        ...     h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+        ...     rows = config.vocab_size + config.max_position_embeddings + config.type_vocab_size
+        ...     layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 2 * 2 * h  # + 2 LayerNorms
+        ...     return rows * h + 2 * h + L * layer  # embeddings and their LayerNorm, layers
+        >>> check_bert_parameter_count(bert_parameter_count, student_id="ada@example.edu")
+        >>> def no_layernorm(config):
+        ...     h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+        ...     rows = config.vocab_size + config.max_position_embeddings + config.type_vocab_size
+        ...     return rows * h + L * (4 * (h * h + h) + (h * i + i) + (i * h + h))
+        >>> check_bert_parameter_count(no_layernorm)
+        Traceback (most recent call last):
+        ...
+        lowrank.checks._feedback.CheckFailed: check_bert_parameter_count: wrong count (off by
+        9,984)
+          case:     all-MiniLM-L6-v2: vocab 30522, hidden 384, 6 layers, intermediate 1536, 512
+                    positions, 2 token types
+          expected: 22,565,376
+          got:      22,555,392
+          hint:     off by exactly 9,984: you left out the LayerNorm parameters (2h each:
+                    embeddings, and two per layer)
+    """
     check = "check_bert_parameter_count"
     check_callable(check, bert_parameter_count)
     check_own_work(check, bert_parameter_count, COUNTING_FORBIDDEN)
@@ -178,7 +246,30 @@ def _lora_count(config, r: int, targets: tuple[str, ...]) -> int:
 
 def check_lora_parameter_count(lora_parameter_count, *, student_id: str | None = None) -> None:
     """lora_parameter_count(config, r, targets) -> trainable LoRA parameters: r * (in + out)
-    for each target (a name inside one BERT layer, e.g. "attention.self.query"), every layer."""
+    for each target (a name inside one BERT layer, e.g. "attention.self.query"), every layer.
+
+    LoRA's trainable count (Hu et al. 2021, arXiv:2106.09685): A [r, in] and B [out, r] for
+    each adapted matrix; the oracle reads in and out of each targeted nn.Linear of a
+    transformers-built model.
+
+    Examples:
+        >>> def lora_parameter_count(config, r, targets):
+        ...     h, i = config.hidden_size, config.intermediate_size
+        ...     in_out = {"intermediate.dense": (h, i), "output.dense": (i, h)}  # others (h, h)
+        ...     per_layer = sum(r * sum(in_out.get(t, (h, h))) for t in targets)
+        ...     return config.num_hidden_layers * per_layer
+        >>> check_lora_parameter_count(lora_parameter_count, student_id="ada@example.edu")
+        >>> check_lora_parameter_count(lambda config, r, targets: 2 * r * 384 * len(targets))
+        Traceback (most recent call last):
+        ...
+        lowrank.checks._feedback.CheckFailed: check_lora_parameter_count: wrong count
+          case:     all-MiniLM-L6-v2: vocab 30522, hidden 384, 6 layers, intermediate 1536, 512
+                    positions, 2 token types; r=8, targets=['attention.self.query',
+                    'attention.self.value']
+          expected: 73,728
+          got:      12,288
+          hint:     that is one layer's count; each of the 6 layers has its own adapters
+    """
     check = "check_lora_parameter_count"
     check_callable(check, lora_parameter_count)
     check_own_work(check, lora_parameter_count, COUNTING_FORBIDDEN)
@@ -208,7 +299,25 @@ def check_lora_parameter_count(lora_parameter_count, *, student_id: str | None =
 def check_training_memory(training_memory_bytes, *, student_id: str | None = None) -> None:
     """training_memory_bytes(n_params, n_trainable, weight_bytes=4) -> bytes of weights,
     gradients and AdamW states: frozen weights at weight_bytes each; each trainable parameter
-    in fp32 (4) with an fp32 gradient (4) and two fp32 AdamW moments (8): 16 bytes."""
+    in fp32 (4) with an fp32 gradient (4) and two fp32 AdamW moments (8): 16 bytes.
+
+    AdamW: Loshchilov & Hutter, arXiv:1711.05101; why LoRA saves memory: Hu et al. 2021,
+    arXiv:2106.09685, section 4.2. Activations are not counted.
+
+    Examples:
+        >>> def training_memory_bytes(n_params, n_trainable, weight_bytes=4):
+        ...     return (n_params - n_trainable) * weight_bytes + 16 * n_trainable
+        >>> check_training_memory(training_memory_bytes, student_id="ada@example.edu")
+        >>> check_training_memory(lambda n_params, n_trainable, weight_bytes=4: 16 * n_params)
+        Traceback (most recent call last):
+        ...
+        lowrank.checks._feedback.CheckFailed: check_training_memory: wrong byte count
+          case:     n_params=22,565,376, n_trainable=73,728, weight_bytes=4
+          expected: 91,146,240
+          got:      361,046,016
+          hint:     you counted gradients and AdamW states for every parameter; frozen weights
+                    have neither, which is exactly where LoRA's memory saving comes from
+    """
     check = "check_training_memory"
     check_callable(check, training_memory_bytes)
     check_own_work(check, training_memory_bytes, COUNTING_FORBIDDEN)
@@ -240,7 +349,29 @@ def check_training_memory(training_memory_bytes, *, student_id: str | None = Non
 
 
 def check_lora_count_answer(my_lora_parameters, *, student_id: str) -> None:
-    """LoRA's trainable parameters on all-MiniLM-L6-v2 for the student's r and targets."""
+    """LoRA's trainable parameters on all-MiniLM-L6-v2 for the student's r and targets.
+
+    `my_lora_parameters` is the student's number (not a function), for `variant.r` and
+    `variant.targets` of `finetune_variant(student_id)`.
+
+    Examples:
+        >>> v = finetune_variant("ada@example.edu")
+        >>> v.r, v.targets
+        (16, ('attention.self.value', 'intermediate.dense', 'output.dense'))
+        >>> 6 * v.r * ((384 + 384) + (384 + 1536) + (1536 + 384))  # MiniLM: 6 layers, h 384
+        442368
+        >>> check_lora_count_answer(442_368, student_id="ada@example.edu")  # silent: right
+        >>> check_lora_count_answer(73_728, student_id="ada@example.edu")
+        Traceback (most recent call last):
+        ...
+        lowrank.checks._feedback.CheckFailed: check_lora_count_answer: wrong count
+          case:     all-MiniLM-L6-v2, your r=16, your targets=['attention.self.value',
+                    'intermediate.dense', 'output.dense']
+          expected: 442,368
+          got:      73,728
+          hint:     lora_parameter_count(minilm_config, variant.r, variant.targets) for YOUR
+                    variant
+    """
     from transformers import AutoConfig
 
     from lowrank.torch.hf import minilm_path

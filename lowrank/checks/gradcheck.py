@@ -7,7 +7,11 @@ arXiv:2106.09685, whose backward pass the students check with it.
 The oracle for `numerical_gradient` is the closed-form derivative of a smooth function; for
 `relative_error` the definition, worked out on arrays chosen to separate it from the usual
 element-wise variant. Threshold: 1e-8 against the closed form, because centred differences with
-h = 1e-6 in float64 reach ~1e-10 on these sizes while one-sided differences only reach ~h."""
+h = 1e-6 in float64 reach ~1e-10 on these sizes while one-sided differences only reach ~h
+(`NUMGRAD_TOL`).
+
+    check_relative_error(relative_error, student_id="ada@example.edu")  # None, or CheckFailed
+"""
 
 import math
 
@@ -26,12 +30,55 @@ from ._feedback import (
 )
 from .lora import lora_variant
 
+__all__ = ["NUMGRAD_TOL", "check_numerical_gradient", "check_relative_error"]
+
 NUMGRAD_TOL = 1e-8
 
 
 def check_numerical_gradient(numerical_gradient, *, student_id: str | None = None) -> None:
     """numerical_gradient(f, x, h=1e-6): the gradient of scalar f at float64 x by centred
-    differences, perturbing x in place and restoring it (so f may read x through a reference)."""
+    differences, perturbing x in place and restoring it (so f may read x through a reference).
+
+    The gradient has x's shape; it is compared with the closed-form derivative of a smooth f
+    (NUMGRAD_TOL), and x must come back exactly as it was. With `student_id` also with an f
+    that reads x through a reference, as when checking a LoRA layer's A (Hu et al. 2021,
+    arXiv:2106.09685).
+
+    Examples:
+        >>> def numerical_gradient(f, x, h=1e-6):
+        ...     grad = np.zeros_like(x)
+        ...     for i in np.ndindex(x.shape):
+        ...         old = x[i]
+        ...         x[i] = old + h
+        ...         plus = f(x)
+        ...         x[i] = old - h
+        ...         minus = f(x)
+        ...         x[i] = old
+        ...         grad[i] = (plus - minus) / (2 * h)
+        ...     return grad
+        >>> check_numerical_gradient(numerical_gradient, student_id="ada@example.edu")  # right
+        >>> def one_sided(f, x, h=1e-6):
+        ...     grad = np.zeros_like(x)
+        ...     for i in np.ndindex(x.shape):
+        ...         old = x[i]
+        ...         base = f(x)
+        ...         x[i] = old + h
+        ...         grad[i] = (f(x) - base) / h
+        ...         x[i] = old
+        ...     return grad
+        >>> check_numerical_gradient(one_sided)
+        Traceback (most recent call last):
+        ...
+        lowrank.checks._feedback.CheckFailed: check_numerical_gradient: wrong gradient
+        (relative error 3.6e-07 against the closed form; allowed 1e-08: centred differences
+        reach ~1e-10)
+          case:     f(x) = sum(c sin x) + sum(d x^2) / 2, x of shape (3, 5)
+          expected: grad.flat[:3] = [ 1.0428  1.0036 -1.5411]
+          got:      grad.flat[:3] = [ 1.0428  1.0036 -1.5411]
+          hint:     one-sided differences (f(x + h) - f(x)) / h have error O(h) ~ 1e-6;
+                    centred differences (f(x + h) - f(x - h)) / (2 h) cancel the h term:
+                    error O(h^2)
+    """
     check = "check_numerical_gradient"
     check_callable(check, numerical_gradient)
     check_own_work(check, numerical_gradient)
@@ -103,7 +150,29 @@ def _reads(f, x: np.ndarray):
 
 
 def check_relative_error(relative_error, *, student_id: str | None = None) -> None:
-    """relative_error(a, b) = max |a - b| / (max |a| + max |b|), and 0 for two zero arrays."""
+    """relative_error(a, b) = max |a - b| / (max |a| + max |b|), and 0 for two zero arrays.
+
+    a and b are arrays of one shape; the answer is a float. Checked on two random arrays, on a
+    true zero next to finite-difference noise (where an element-by-element ratio blows up) and
+    on two zero arrays.
+
+    Examples:
+        >>> def relative_error(a, b):
+        ...     scale = np.abs(a).max() + np.abs(b).max()
+        ...     return 0.0 if scale == 0 else float(np.abs(a - b).max() / scale)
+        >>> check_relative_error(relative_error, student_id="ada@example.edu")  # silent: right
+        >>> def unguarded(a, b):
+        ...     return float(np.abs(a - b).max()) / float(np.abs(a).max() + np.abs(b).max())
+        >>> check_relative_error(unguarded)
+        Traceback (most recent call last):
+        ...
+        lowrank.checks._feedback.CheckFailed: check_relative_error: your function raised
+        ZeroDivisionError: float division by zero
+          case:     two zero arrays, shape (3,)
+          expected: a result
+          got:      ZeroDivisionError
+          hint:     run the case above yourself and read the traceback
+    """
     check = "check_relative_error"
     check_callable(check, relative_error)
     check_own_work(check, relative_error)

@@ -18,7 +18,13 @@ scale, see `scaled_error`) and why:
   these sizes; a transposed or unscaled gradient is off by order 1.
 
 Sizes are per student (`lora_variant`): batch, in, out and r are all different, so a transpose
-shows up as a wrong shape rather than as silently wrong numbers."""
+shows up as a wrong shape rather than as silently wrong numbers.
+
+Constants: `ASSIGNMENT`, the name that seeds every variant; `FORWARD_TOL`, `GRAD_TOL` and
+`MERGE_TOL`, the thresholds above.
+
+    check_lora_forward(lora_forward, student_id="ada@example.edu")  # None, or CheckFailed
+"""
 
 import math
 from dataclasses import dataclass
@@ -38,6 +44,18 @@ from ._feedback import (
     student_rng,
 )
 
+__all__ = [
+    "ASSIGNMENT",
+    "FORWARD_TOL",
+    "GRAD_TOL",
+    "MERGE_TOL",
+    "LoRAVariant",
+    "check_lora_forward",
+    "check_lora_init",
+    "check_lora_scale",
+    "lora_variant",
+]
+
 ASSIGNMENT = "lora_from_scratch"
 
 
@@ -52,7 +70,17 @@ MERGE_TOL = 1e-9  # on the update W' - W, which is ~1e3 times smaller than W
 
 @dataclass(frozen=True)
 class LoRAVariant:
-    """One student's sizes: x [batch, in], W [out, in], A [r, in], B [out, r]; alpha; a seed."""
+    """One student's sizes: x [batch, in], W [out, in], A [r, in], B [out, r]; alpha; a seed.
+
+    Made by `lora_variant`; the checks build their test layers from it.
+
+    Examples:
+        >>> v = lora_variant()  # the public variant
+        >>> v
+        LoRAVariant(batch=5, in_features=12, out_features=10, r=3, alpha=16.0, seed=1299029890)
+        >>> (v.batch, v.in_features), (v.r, v.in_features), (v.out_features, v.r)  # x, A, B
+        ((5, 12), (3, 12), (10, 3))
+    """
 
     batch: int
     in_features: int
@@ -64,7 +92,19 @@ class LoRAVariant:
 
 def lora_variant(student_id: str | None = None) -> LoRAVariant:
     """The sizes and seed of `student_id` (None: the public variant). Ranges are disjoint
-    (r 2-4, batch 5-7, out 8-11, in 12-16), so no two sizes coincide."""
+    (r 2-4, batch 5-7, out 8-11, in 12-16), so no two sizes coincide. The same id always
+    gets the same variant (a SHA-256 of the id seeds it); ids are compared without case.
+
+    Examples:
+        >>> lora_variant("ada@example.edu")
+        LoRAVariant(batch=7, in_features=15, out_features=8, r=2, alpha=32.0, seed=1676079706)
+        >>> lora_variant("Ada@Example.edu ") == lora_variant("ada@example.edu")
+        True
+        >>> lora_variant(42)
+        Traceback (most recent call last):
+        ...
+        TypeError: student_id must be a str or None, got int
+    """
     rng = student_rng(student_id, ASSIGNMENT)
     return LoRAVariant(
         batch=int(rng.integers(5, 8)),
@@ -110,7 +150,27 @@ def _case_text(name: str, v: LoRAVariant, data: dict[str, np.ndarray], scale: fl
 
 
 def check_lora_scale(lora_scale, *, student_id: str | None = None) -> None:
-    """lora_scale(alpha, r, use_rslora=False) must be alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    """lora_scale(alpha, r, use_rslora=False) must be alpha / r, or alpha / sqrt(r) with rsLoRA.
+
+    LoRA's scale (Hu et al. 2021, arXiv:2106.09685, section 4.1); rsLoRA's (Kalajdzievski
+    2023, arXiv:2312.03732). Checked on a few (alpha, r) pairs, with `student_id` also the
+    student's own. Returns None when right; raises `CheckFailed` with a hint otherwise.
+
+    Examples:
+        >>> import math
+        >>> def lora_scale(alpha, r, use_rslora=False):
+        ...     return alpha / math.sqrt(r) if use_rslora else alpha / r
+        >>> check_lora_scale(lora_scale, student_id="ada@example.edu")  # silent: right
+        >>> check_lora_scale(lambda alpha, r, use_rslora=False: alpha)
+        Traceback (most recent call last):
+        ...
+        lowrank.checks._feedback.CheckFailed: check_lora_scale: wrong scale
+          case:     alpha=16, r=8, use_rslora=False
+          expected: 2
+          got:      16
+          hint:     you returned alpha itself, not alpha / r: dividing by r keeps the update's
+                    size roughly the same when you change r, so alpha need not be retuned
+    """
     check = "check_lora_scale"
     check_callable(check, lora_scale)
     check_own_work(check, lora_scale)
@@ -149,7 +209,26 @@ def check_lora_scale(lora_scale, *, student_id: str | None = None) -> None:
 
 
 def check_lora_forward(lora_forward, *, student_id: str | None = None) -> None:
-    """lora_forward(x, W, b, A, B, scale): x W^T + b + scale * x A^T B^T, shape (..., out)."""
+    """lora_forward(x, W, b, A, B, scale): x W^T + b + scale * x A^T B^T, shape (..., out).
+
+    x (..., in), W (out, in), b (out,), A (r, in), B (out, r), float64; the LoRA forward pass
+    (Hu et al. 2021, arXiv:2106.09685), compared with the formula written out (FORWARD_TOL).
+    With `student_id` also on the student's sizes and on x with two leading dimensions.
+
+    Examples:
+        >>> def lora_forward(x, W, b, A, B, scale):
+        ...     return x @ W.T + b + scale * (x @ A.T) @ B.T
+        >>> check_lora_forward(lora_forward, student_id="ada@example.edu")  # silent: right
+        >>> check_lora_forward(lambda x, W, b, A, B, scale: x @ W.T + b + (x @ A.T) @ B.T)
+        Traceback (most recent call last):
+        ...
+        lowrank.checks._feedback.CheckFailed: check_lora_forward: wrong values (relative
+        error 0.65, allowed 1e-12: float64 rounding is ~1e-15)
+          case:     public sizes: x (5, 12), W (10, 12), A (3, 12), B (10, 3), scale 5.33333
+          expected: x W^T + b + scale x A^T B^T: y.flat[:3] = [16.7673  5.5171 -3.1641]
+          got:      y.flat[:3] = [4.8327 0.1431 1.0592]
+          hint:     the scale is missing: multiply the LoRA path by scale
+    """
     check = "check_lora_forward"
     check_callable(check, lora_forward)
     check_own_work(check, lora_forward)
@@ -194,7 +273,34 @@ def check_lora_forward(lora_forward, *, student_id: str | None = None) -> None:
 
 def check_lora_init(init_lora, *, student_id: str | None = None) -> None:
     """init_lora(in_features, out_features, r, rng) -> (A [r, in], B [out, r]): A drawn from
-    `rng` like nn.Linear's weight, uniform(-1/sqrt(in), 1/sqrt(in)); B all zeros."""
+    `rng` like nn.Linear's weight, uniform(-1/sqrt(in), 1/sqrt(in)); B all zeros.
+
+    LoRA's initialisation (Hu et al. 2021, arXiv:2106.09685, section 4.1): B = 0, so the
+    adapted layer starts as the pre-trained one. Checked for shapes, B = 0, A's range and
+    spread (on a large case) and that A comes from `rng`.
+
+    Examples:
+        >>> import math
+        >>> def init_lora(in_features, out_features, r, rng):
+        ...     bound = 1 / math.sqrt(in_features)
+        ...     A = rng.uniform(-bound, bound, size=(r, in_features))
+        ...     return A, np.zeros((out_features, r))
+        >>> check_lora_init(init_lora)  # silent: right
+        >>> def init_both(in_features, out_features, r, rng):
+        ...     bound = 1 / math.sqrt(in_features)
+        ...     A = rng.uniform(-bound, bound, size=(r, in_features))
+        ...     return A, rng.normal(size=(out_features, r))
+        >>> check_lora_init(init_both)
+        Traceback (most recent call last):
+        ...
+        lowrank.checks._feedback.CheckFailed: check_lora_init: B is not zero at start
+          case:     in_features=12, out_features=10, r=3, rng=default_rng(1299029890)
+          expected: B = 0 everywhere
+          got:      max |B| = ...
+          hint:     with B = 0 the update B A is zero, so the adapted layer starts exactly as
+                    the pre-trained one (y = x W^T + b); a random B would change the model
+                    before any training
+    """
     check = "check_lora_init"
     check_callable(check, init_lora)
     check_own_work(check, init_lora)

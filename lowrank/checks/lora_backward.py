@@ -4,7 +4,10 @@ test layers) is `lora.py`, whose docstring states the oracles and thresholds.
 
 LoRA: Hu et al. 2021, arXiv:2106.09685. The gradients are compared with centred finite
 differences of the forward formula written out (GRAD_TOL), the merge with the float64 update
-it must add (MERGE_TOL)."""
+it must add (MERGE_TOL).
+
+    check_lora_backward(lora_backward, student_id="ada@example.edu")  # None, or CheckFailed
+"""
 
 import numpy as np
 
@@ -21,6 +24,8 @@ from ._feedback import (
     scaled_error,
 )
 from .lora import GRAD_TOL, MERGE_TOL, _case_text, _cases, _forward, _layer, lora_variant
+
+__all__ = ["check_lora_backward", "check_merge", "check_trainable_answer"]
 
 
 def _centred_differences(loss, array: np.ndarray, h: float = 1e-6) -> np.ndarray:
@@ -49,7 +54,34 @@ def _numeric_gradients(d: dict[str, np.ndarray], scale: float) -> dict[str, np.n
 
 def check_lora_backward(lora_backward, *, student_id: str | None = None) -> None:
     """lora_backward(dy, x, W, A, B, scale) -> (dx, dA, dB), the gradients of
-    L = sum(dy * y) for y = x W^T + b + scale x A^T B^T, checked by finite differences."""
+    L = sum(dy * y) for y = x W^T + b + scale x A^T B^T, checked by finite differences.
+
+    dy and x (..., out) and (..., in), W (out, in), A (r, in), B (out, r); dx, dA, dB have the
+    shapes of x, A and B. The backward pass of a LoRA layer (Hu et al. 2021,
+    arXiv:2106.09685), compared with centred differences (GRAD_TOL); with `student_id` also on
+    the student's sizes and on x with two leading dimensions.
+
+    Examples:
+        >>> def lora_backward(dy, x, W, A, B, scale):
+        ...     dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])  # (N, .)
+        ...     dx = dy @ W + scale * (dy @ B) @ A  # (..., out) -> (..., in)
+        ...     dA = scale * (dy2 @ B).T @ x2  # (r, N) @ (N, in) -> (r, in)
+        ...     dB = scale * dy2.T @ (x2 @ A.T)  # (out, N) @ (N, r) -> (out, r)
+        ...     return dx, dA, dB
+        >>> check_lora_backward(lora_backward, student_id="ada@example.edu")  # silent: right
+        >>> def no_scale_on_dB(dy, x, W, A, B, scale):
+        ...     dx = dy @ W + scale * (dy @ B) @ A
+        ...     return dx, scale * (dy @ B).T @ x, dy.T @ (x @ A.T)
+        >>> check_lora_backward(no_scale_on_dB)
+        Traceback (most recent call last):
+        ...
+        lowrank.checks._feedback.CheckFailed: check_lora_backward: dB is wrong (relative
+        error 0.68 against finite differences; allowed 1e-07, centred differences reach ~1e-10)
+          case:     public sizes: x (5, 12), W (10, 12), A (3, 12), B (10, 3), scale 5.33333
+          expected: dB.flat[:3] = [-2.0159 -3.8039 -3.1961]
+          got:      dB.flat[:3] = [-0.378  -0.7132 -0.5993]
+          hint:     dB is missing the factor scale = 5.33333 (the LoRA path is scaled)
+    """
     check = "check_lora_backward"
     check_callable(check, lora_backward)
     check_own_work(check, lora_backward)
@@ -114,7 +146,25 @@ def check_lora_backward(lora_backward, *, student_id: str | None = None) -> None
 
 
 def check_merge(merge_lora, *, student_id: str | None = None) -> None:
-    """merge_lora(W, A, B, scale) -> W + scale * B @ A [out, in], in W's dtype (float64)."""
+    """merge_lora(W, A, B, scale) -> W + scale * B @ A [out, in], in W's dtype (float64).
+
+    W (out, in), A (r, in), B (out, r). Merging is why LoRA adds no inference latency (Hu et
+    al. 2021, arXiv:2106.09685, section 4.1); the update W' - W is compared with scale * B @ A
+    in float64 (MERGE_TOL), which also catches a merge rounded to float32 or float16.
+
+    Examples:
+        >>> check_merge(lambda W, A, B, scale: W + scale * B @ A)  # silent: right
+        >>> check_merge(lambda W, A, B, scale: W + B @ A)
+        Traceback (most recent call last):
+        ...
+        lowrank.checks._feedback.CheckFailed: check_merge: the merged update W' - W is wrong
+        (relative error 0.68; allowed 1e-09, a float64 merge is exact to ~1e-13)
+          case:     W (10, 12) float64, A (3, 12), B (10, 3), scale 5.33333
+          expected: scale * B @ A, e.g. [0, :3] = [ 0.0012 -0.008  -0.0226]
+          got:      [0, :3] = [ 0.0002 -0.0015 -0.0042]
+          hint:     the scale is missing: the layer computed scale * B A, so the merge must
+                    add that
+    """
     check = "check_merge"
     check_callable(check, merge_lora)
     check_own_work(check, merge_lora)
@@ -168,7 +218,25 @@ def check_merge(merge_lora, *, student_id: str | None = None) -> None:
 
 
 def check_trainable_answer(my_trainable_parameters, *, student_id: str) -> None:
-    """The number of parameters LoRA trains on the student's own layer: r * (in + out)."""
+    """The number of parameters LoRA trains on the student's own layer: r * (in + out).
+
+    `my_trainable_parameters` is the student's number (not a function), for the sizes of
+    `lora_variant(student_id)`; A has r * in entries, B out * r (Hu et al. 2021,
+    arXiv:2106.09685).
+
+    Examples:
+        >>> lora_variant("ada@example.edu")  # in 15, out 8, r 2: 2 * (15 + 8) = 46
+        LoRAVariant(batch=7, in_features=15, out_features=8, r=2, alpha=32.0, seed=1676079706)
+        >>> check_trainable_answer(46, student_id="ada@example.edu")  # silent: right
+        >>> check_trainable_answer(15 * 8, student_id="ada@example.edu")
+        Traceback (most recent call last):
+        ...
+        lowrank.checks._feedback.CheckFailed: check_trainable_answer: wrong count
+          case:     your layer: in=15, out=8, r=2
+          expected: 46
+          got:      120
+          hint:     that is W's size; LoRA trains only A and B
+    """
     check = "check_trainable_answer"
     v = lora_variant(student_id)
     want = v.r * (v.in_features + v.out_features)

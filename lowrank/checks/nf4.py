@@ -16,7 +16,14 @@ Test tensors are built so that only the documented rules decide the answer: no v
 within 1e-5 of a boundary between two levels, except in the case made of exact ties, where
 every value sits exactly on one (a tie takes the lower code, as torch.bucketize does). Each
 student's tensor (`nf4_variant`) has an odd number of elements, a short last block, an
-all-zero block and blocks of very different scales."""
+all-zero block and blocks of very different scales.
+
+Constants: `ASSIGNMENT`, the name that seeds every variant; `LEVEL_TOL`, how close the
+student's levels must come to the table; `DQ_BLOCKSIZE` (256), the absmax values per block of
+double quantization.
+
+    check_nf4_levels(nf4_levels, student_id="ada@example.edu")  # None, or CheckFailed
+"""
 
 import statistics
 from dataclasses import dataclass
@@ -32,6 +39,18 @@ from ._feedback import (
     student_rng,
 )
 
+__all__ = [
+    "ASSIGNMENT",
+    "DQ_BLOCKSIZE",
+    "LEVEL_TOL",
+    "NF4Variant",
+    "check_nf4_levels",
+    "dynamic_map_table",
+    "nf4_table",
+    "nf4_variant",
+    "reference_codes",
+]
+
 ASSIGNMENT = "nf4_by_hand"
 
 
@@ -44,7 +63,17 @@ DQ_BLOCKSIZE = 256
 @dataclass(frozen=True)
 class NF4Variant:
     """One student's tensor: W [rows, cols] (odd size), the 4-bit blocksize, the number of
-    absmax values to double-quantize, an NF4 offset other than bitsandbytes', and a seed."""
+    absmax values to double-quantize, an NF4 offset other than bitsandbytes', and a seed.
+
+    Made by `nf4_variant`; the checks build their test tensors from it.
+
+    Examples:
+        >>> v = nf4_variant()  # the public variant
+        >>> v
+        NF4Variant(rows=15, cols=41, blocksize=32, n_scales=619, seed=1297394681, offset=0.975)
+        >>> v.rows * v.cols, -(-v.rows * v.cols // v.blocksize)  # odd n; 20 blocks, one short
+        (615, 20)
+    """
 
     rows: int
     cols: int
@@ -55,7 +84,13 @@ class NF4Variant:
 
 
 def nf4_variant(student_id: str | None = None) -> NF4Variant:
-    """Sizes and seed of `student_id` (None: the public variant)."""
+    """Sizes and seed of `student_id` (None: the public variant); the same id always gets the
+    same variant.
+
+    Examples:
+        >>> nf4_variant("ada@example.edu")
+        NF4Variant(rows=13, cols=33, blocksize=32, n_scales=634, seed=1676301819, offset=0.975)
+    """
     rng = student_rng(student_id, ASSIGNMENT)
     return NF4Variant(
         rows=int(rng.choice([9, 11, 13, 15])),
@@ -68,7 +103,18 @@ def nf4_variant(student_id: str | None = None) -> NF4Variant:
 
 
 def nf4_table() -> np.ndarray:
-    """bitsandbytes' NF4 table (float32, 16 levels): the exact values the codes index."""
+    """bitsandbytes' NF4 table (float32, 16 levels): the exact values the codes index.
+
+    QLoRA's NormalFloat4 (Dettmers et al. 2023, arXiv:2305.14314). Read from bitsandbytes
+    when it is installed, else `lowrank.numpy.nf4_code()`, the same table bit for bit.
+
+    Examples:
+        >>> table = nf4_table()
+        >>> table.dtype, table.shape
+        (dtype('float32'), (16,))
+        >>> table[:3], float(table[7])
+        (array([-1.    , -0.6962, -0.5251], dtype=float32), 0.0)
+    """
     try:
         from bitsandbytes.functional import get_4bit_type
 
@@ -80,7 +126,19 @@ def nf4_table() -> np.ndarray:
 
 
 def dynamic_map_table() -> np.ndarray:
-    """bitsandbytes' signed 8-bit dynamic map (256 float32 levels, ascending)."""
+    """bitsandbytes' signed 8-bit dynamic map (256 float32 levels, ascending).
+
+    The map of 8-bit block-wise quantization (Dettmers et al. 2022, arXiv:2110.02861) that
+    QLoRA's double quantization uses for the block scales. Read from bitsandbytes when it is
+    installed, else `lowrank.numpy.dynamic_map()`, the same map bit for bit.
+
+    Examples:
+        >>> table = dynamic_map_table()
+        >>> table.dtype, table.shape, float(table[-1])
+        (dtype('float32'), (256,), 1.0)
+        >>> bool(np.all(np.diff(table) > 0))
+        True
+    """
     try:
         from bitsandbytes.functional import create_dynamic_map
 
@@ -152,7 +210,20 @@ def _ties() -> np.ndarray:
 
 
 def reference_codes(w: np.ndarray, blocksize: int) -> tuple[np.ndarray, np.ndarray, bytes, str]:
-    """(codes uint8 (n,), absmax float32 (n_blocks,), packed bytes, oracle name) for w."""
+    """(codes uint8 (n,), absmax float32 (n_blocks,), packed bytes, oracle name) for w.
+
+    The NF4 codes of w (any shape, flattened row-major) in blocks of `blocksize`: from
+    `bitsandbytes.functional.quantize_4bit` on CPU when bitsandbytes is installed (which takes
+    blocksizes of 64 and up), else by brute force; the oracle name says which.
+
+    Examples:
+        >>> w = np.array([[1.0, -0.5, 0.0], [0.25, 2.0, -2.0]], np.float32)  # (2, 3)
+        >>> codes, absmax, packed, oracle = reference_codes(w, 64)  # one short block
+        >>> codes, absmax
+        (array([12,  4,  7,  9, 15,  0], dtype=uint8), array([2.], dtype=float32))
+        >>> packed.hex(), oracle.split()[0] in ("bitsandbytes", "brute")
+        ('c479f0', True)
+    """
     x = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
     try:
         import bitsandbytes
@@ -183,7 +254,31 @@ def check_nf4_levels(nf4_levels, *, student_id: str | None = None) -> None:
     """nf4_levels(offset=0.9677083) -> 16 ascending values from normal quantiles: 7 negative,
     an exact 0, 8 positive, ends at -1 and 1; at the default offset within 1e-6 of
     bitsandbytes' table, and with a student's own offset within 1e-6 of the same construction
-    (so that the table cannot simply be typed in)."""
+    (so that the table cannot simply be typed in).
+
+    The NF4 construction of QLoRA (Dettmers et al. 2023, arXiv:2305.14314, section 3).
+
+    Examples:
+        >>> from statistics import NormalDist
+        >>> def nf4_levels(offset=0.9677083):
+        ...     normal = NormalDist()
+        ...     positive = [normal.inv_cdf(p) for p in np.linspace(offset, 0.5, 9)[:-1]]
+        ...     negative = [-normal.inv_cdf(p) for p in np.linspace(offset, 0.5, 8)[:-1]]
+        ...     levels = np.sort(np.array([*positive, 0.0, *negative]))
+        ...     return levels / levels.max()
+        >>> check_nf4_levels(nf4_levels, student_id="ada@example.edu")  # silent: right
+        >>> check_nf4_levels(lambda offset=0.9677083: np.linspace(-1, 1, 16))
+        Traceback (most recent call last):
+        ...
+        lowrank.checks._feedback.CheckFailed: check_nf4_levels: evenly spaced levels
+          case:     nf4_levels()
+          expected: quantiles of N(0, 1), dense near 0: [-1.    -0.696 -0.525 -0.395 -0.284
+          -0.185 -0.091  0.     0.08   0.161 0.246  0.338  0.441  0.563  0.723  1.   ]
+          got:      [-1.    -0.867 -0.733 -0.6   -0.467 -0.333 -0.2   -0.067  0.067  0.2
+          0.333  0.467  0.6    0.733  0.867  1.   ]
+          hint:     evenly spaced levels are int4's; NF4 puts its levels at quantiles of N(0, 1),
+                    so that normally distributed weights use every level about equally often
+    """
     check = "check_nf4_levels"
     check_callable(check, nf4_levels)
     check_own_work(check, nf4_levels)

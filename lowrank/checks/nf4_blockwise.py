@@ -3,7 +3,10 @@ block, ties, the short last block, the all-zero block). Part 1 (`nf4.py`) holds 
 check and what both share: the variant, the tables, the test tensors and the reference codes,
 whose oracle is bitsandbytes itself (see its docstring).
 
-QLoRA: Dettmers et al. 2023, arXiv:2305.14314."""
+QLoRA: Dettmers et al. 2023, arXiv:2305.14314.
+
+    check_quantize_blockwise(quantize_blockwise, student_id="ada@example.edu")  # or CheckFailed
+"""
 
 import numpy as np
 
@@ -26,10 +29,46 @@ from .nf4 import (
     reference_codes,
 )
 
+__all__ = ["check_quantize_blockwise"]
+
 
 def check_quantize_blockwise(quantize_blockwise, *, student_id: str | None = None) -> None:
     """quantize_blockwise(w, levels, blocksize) -> (codes uint8 (n,), absmax float32
-    (n_blocks,)): bit-identical to bitsandbytes' NF4 codes and scales."""
+    (n_blocks,)): bit-identical to bitsandbytes' NF4 codes and scales.
+
+    w is float32 of any shape (blocks run over it flattened row-major), levels the 16 NF4
+    levels (`nf4_table()`). QLoRA's blockwise absmax quantization (Dettmers et al. 2023,
+    arXiv:2305.14314). With `student_id` also on the student's tensor and on exact ties.
+
+    Examples:
+        >>> def quantize_blockwise(w, levels, blocksize):
+        ...     x = w.reshape(-1).astype(np.float32)  # (n,)
+        ...     n_blocks = -(-x.size // blocksize)
+        ...     padded = np.zeros(n_blocks * blocksize, np.float32)
+        ...     padded[: x.size] = x
+        ...     absmax = np.abs(padded.reshape(n_blocks, blocksize)).max(axis=1)  # (n_blocks,)
+        ...     safe = np.maximum(absmax, np.float32(1e-38))  # an all-zero block: 0 / tiny = 0
+        ...     scaled = x / np.repeat(safe, blocksize)[: x.size]
+        ...     midpoints = (levels[:-1] + levels[1:]) / np.float32(2)
+        ...     codes = np.searchsorted(midpoints, scaled, side="left")  # ties: the lower code
+        ...     return codes.astype(np.uint8), absmax
+        >>> check_quantize_blockwise(quantize_blockwise, student_id="ada@example.edu")  # right
+        >>> def per_tensor(w, levels, blocksize):
+        ...     x = w.reshape(-1).astype(np.float32)
+        ...     midpoints = (levels[:-1] + levels[1:]) / np.float32(2)
+        ...     codes = np.searchsorted(midpoints, x / np.abs(x).max()).astype(np.uint8)
+        ...     return codes, np.array([np.abs(x).max()])
+        >>> check_quantize_blockwise(per_tensor)
+        Traceback (most recent call last):
+        ...
+        lowrank.checks._feedback.CheckFailed: check_quantize_blockwise: absmax has the wrong shape
+          case:     public tensor: w (15, 41) float32 (n = 615), blocksize 32 (20 blocks, the
+                    last holding 7)
+          expected: (20,)
+          got:      (1,)
+          hint:     one absmax for the whole tensor (per-tensor); QLoRA scales each block of 64
+                    by its own absmax, so one outlier only coarsens its own block
+    """
     check = "check_quantize_blockwise"
     check_callable(check, quantize_blockwise)
     check_own_work(check, quantize_blockwise)

@@ -7,7 +7,10 @@ Oracles: bitsandbytes' packed bytes (via `nf4.reference_codes`) and a hand-packe
 the nibble order; for double quantization the definition (offset = mean, absmax2 = the exact
 max of each block of 256, codes = the exact nearest level of the dynamic map, ties to the lower
 code; codes within 1e-6 of a midpoint may go either way, as float32 rounding decides them);
-for the budget, the byte count written out."""
+for the budget, the byte count written out.
+
+    check_pack_nibbles(pack_nibbles, student_id="ada@example.edu")  # None, or CheckFailed
+"""
 
 import math
 
@@ -35,11 +38,43 @@ from .nf4 import (
     reference_codes,
 )
 
+__all__ = [
+    "check_bits_answer",
+    "check_bits_per_weight",
+    "check_double_quantize",
+    "check_pack_nibbles",
+]
+
 
 def check_pack_nibbles(pack_nibbles, *, student_id: str | None = None) -> None:
     """pack_nibbles(codes, pad_code) -> uint8 (ceil(n / 2),): element 2j in the HIGH nibble,
     2j+1 in the low one; an odd n pads the last low nibble with pad_code. Bit-identical to
-    bitsandbytes' packed bytes."""
+    bitsandbytes' packed bytes.
+
+    codes is uint8 (n,), values 0..15. QLoRA's storage: two 4-bit codes a byte (Dettmers et
+    al. 2023, arXiv:2305.14314). Checked on a hand-packed example and on the NF4 codes of the
+    (student's or public) test tensor.
+
+    Examples:
+        >>> def pack_nibbles(codes, pad_code):
+        ...     if codes.size % 2:
+        ...         codes = np.append(codes, np.uint8(pad_code))
+        ...     return ((codes[0::2] << 4) | codes[1::2]).astype(np.uint8)
+        >>> check_pack_nibbles(pack_nibbles, student_id="ada@example.edu")  # silent: right
+        >>> def low_nibble_first(codes, pad_code):
+        ...     if codes.size % 2:
+        ...         codes = np.append(codes, np.uint8(pad_code))
+        ...     return ((codes[1::2] << 4) | codes[0::2]).astype(np.uint8)
+        >>> check_pack_nibbles(low_nibble_first)
+        Traceback (most recent call last):
+        ...
+        lowrank.checks._feedback.CheckFailed: check_pack_nibbles: byte 0 differs (oracle: by hand)
+          case:     three codes, pad_code 7 (the code of 0.0)
+          expected: 0x12
+          got:      0x21
+          hint:     nibbles in the wrong order: bitsandbytes puts element 2j in the HIGH nibble
+                    (bits 7-4) and 2j+1 in the low nibble (bits 3-0)
+    """
     check = "check_pack_nibbles"
     check_callable(check, pack_nibbles)
     check_own_work(check, pack_nibbles)
@@ -129,7 +164,38 @@ def _round_trip(values: np.ndarray, dmap: np.ndarray) -> np.ndarray:
 def check_double_quantize(double_quantize, *, student_id: str | None = None) -> None:
     """double_quantize(absmax, dmap) -> (codes uint8 (n_blocks,), absmax2 float32
     (ceil(n_blocks / 256),), offset float32): offset = mean(absmax), and absmax - offset
-    quantized blockwise (blocks of 256) to the nearest level of the dynamic map."""
+    quantized blockwise (blocks of 256) to the nearest level of the dynamic map.
+
+    absmax is float32 (n_blocks,), dmap the 256 levels of `dynamic_map_table()`. QLoRA's double
+    quantization (Dettmers et al. 2023, arXiv:2305.14314, section 3) with the dynamic map of
+    8-bit block-wise quantization (Dettmers et al. 2022, arXiv:2110.02861).
+
+    Examples:
+        >>> def double_quantize(absmax, dmap):
+        ...     offset = np.float32(absmax.mean(dtype=np.float64))
+        ...     centred = (absmax - offset).astype(np.float32)  # (n_blocks,)
+        ...     n2 = -(-centred.size // 256)
+        ...     padded = np.zeros(n2 * 256, np.float32)
+        ...     padded[: centred.size] = centred
+        ...     absmax2 = np.abs(padded.reshape(n2, 256)).max(axis=1)  # (n2,)
+        ...     scaled = centred / np.repeat(absmax2, 256)[: centred.size]
+        ...     midpoints = (dmap[:-1] + dmap[1:]) / np.float32(2)
+        ...     codes = np.searchsorted(midpoints, scaled, side="left").astype(np.uint8)
+        ...     return codes, absmax2, offset
+        >>> check_double_quantize(double_quantize, student_id="ada@example.edu")  # right
+        >>> check_double_quantize(
+        ...     lambda absmax, dmap: (np.zeros(absmax.size, np.uint8), np.ones(3, np.float32), 0.0)
+        ... )
+        Traceback (most recent call last):
+        ...
+        lowrank.checks._feedback.CheckFailed: check_double_quantize: wrong offset
+          case:     absmax: 619 float32 values (~4.43 each), dmap: 256 levels
+          expected: 4.427467 (mean of absmax)
+          got:      0
+          hint:     without the offset: absmax values are all positive, so quantizing them
+                    directly wastes the dynamic map's negative half; subtract their mean first
+                    and store it (one float32)
+    """
     check = "check_double_quantize"
     check_callable(check, double_quantize)
     check_own_work(check, double_quantize)
@@ -231,7 +297,29 @@ def check_double_quantize(double_quantize, *, student_id: str | None = None) -> 
 def check_bits_per_weight(bits_per_weight, *, student_id: str | None = None) -> None:
     """bits_per_weight(n, blocksize=64, double_quant=True): exact storage per weight of an
     n-element NF4 tensor: ceil(n/2) bytes of codes, plus per block an fp32 absmax, or with
-    double quantization a uint8 code, an fp32 absmax2 per 256 blocks and an fp32 offset."""
+    double quantization a uint8 code, an fp32 absmax2 per 256 blocks and an fp32 offset.
+
+    QLoRA's budget (Dettmers et al. 2023, arXiv:2305.14314): 4.127 bits per weight for large
+    tensors with blocks of 64 and double quantization.
+
+    Examples:
+        >>> def bits_per_weight(n, blocksize=64, double_quant=True):
+        ...     n_blocks = -(-n // blocksize)
+        ...     scales = n_blocks + 4 * -(-n_blocks // 256) + 4 if double_quant else 4 * n_blocks
+        ...     return 8 * (-(-n // 2) + scales) / n
+        >>> check_bits_per_weight(bits_per_weight, student_id="ada@example.edu")  # right
+        >>> round(bits_per_weight(2**30), 3)
+        4.127
+        >>> check_bits_per_weight(lambda n, blocksize=64, double_quant=True: 4 + 8 / blocksize)
+        Traceback (most recent call last):
+        ...
+        lowrank.checks._feedback.CheckFailed: check_bits_per_weight: wrong bits per weight
+          case:     n=1073741824, blocksize=64, double_quant=True
+          expected: 4.126953
+          got:      4.125000
+          hint:     4 + 8/blocksize leaves out the second level: one fp32 absmax2 per 256
+                    blocks (32 / (blocksize * 256) bits per weight) and the fp32 offset
+    """
     check = "check_bits_per_weight"
     check_callable(check, bits_per_weight)
     check_own_work(check, bits_per_weight)
@@ -285,7 +373,26 @@ def check_bits_per_weight(bits_per_weight, *, student_id: str | None = None) -> 
 
 def check_bits_answer(my_bits_per_weight, *, student_id: str) -> None:
     """The bits per weight of the student's own tensor (rows x cols, their blocksize, double
-    quantization on)."""
+    quantization on).
+
+    `my_bits_per_weight` is the student's number (not a function), for the sizes of
+    `nf4_variant(student_id)`.
+
+    Examples:
+        >>> nf4_variant("ada@example.edu")  # 13 x 33 = 429 weights, blocks of 32
+        NF4Variant(rows=13, cols=33, blocksize=32, n_scales=634, seed=1676301819, offset=0.975)
+        >>> n, n_blocks = 13 * 33, -(-13 * 33 // 32)  # 14 blocks: 215 + 14 + 4 + 4 bytes
+        >>> my_bits_per_weight = 8 * (-(-n // 2) + n_blocks + 4 + 4) / n
+        >>> check_bits_answer(my_bits_per_weight, student_id="ada@example.edu")  # silent: right
+        >>> check_bits_answer(4.127, student_id="ada@example.edu")
+        Traceback (most recent call last):
+        ...
+        lowrank.checks._feedback.CheckFailed: check_bits_answer: wrong value
+          case:     your tensor: 13 x 33 = 429 weights, blocksize 32
+          expected: 4.419580
+          got:      4.127
+          hint:     bits_per_weight(rows * cols, blocksize) for YOUR sizes (see `variant`)
+    """
     check = "check_bits_answer"
     v = nf4_variant(student_id)
     n = v.rows * v.cols

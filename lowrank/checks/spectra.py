@@ -5,7 +5,10 @@ LoRA: Hu et al. 2021, arXiv:2106.09685 (phi, section 7.2, Figure 3).
 
 Oracles: matrices built from chosen singular values and chosen orthonormal directions, so the
 answer is known by construction (energy shares from the chosen s; phi from the chosen cosines
-between directions), never computed by an SVD of the same matrix."""
+between directions), never computed by an SVD of the same matrix.
+
+    check_energy_rank(energy_rank, student_id="ada@example.edu")  # None, or CheckFailed
+"""
 
 import math
 
@@ -21,6 +24,8 @@ from ._feedback import (
 )
 from .finetune import finetune_variant
 
+__all__ = ["check_energy_rank", "check_subspace_similarity"]
+
 
 def _orthonormal_rows(k: int, n: int, rng: np.random.Generator) -> np.ndarray:
     q, _ = np.linalg.qr(rng.normal(size=(n, k)))
@@ -29,7 +34,34 @@ def _orthonormal_rows(k: int, n: int, rng: np.random.Generator) -> np.ndarray:
 
 def check_energy_rank(energy_rank, *, student_id: str | None = None) -> None:
     """energy_rank(M, energy=0.9) -> the smallest r whose top-r singular values hold at least
-    `energy` of ||M||_F^2 = sum s_i^2 (0 for the zero matrix)."""
+    `energy` of ||M||_F^2 = sum s_i^2 (0 for the zero matrix).
+
+    M is (rows, cols) float64, built from chosen singular values, so every answer is known by
+    construction. The tool that reads how low-rank a weight update is (Hu et al. 2021,
+    arXiv:2106.09685, section 7).
+
+    Examples:
+        >>> def energy_rank(M, energy=0.9):
+        ...     s = np.linalg.svd(M, compute_uv=False)
+        ...     total = np.sum(s**2)
+        ...     if total == 0:
+        ...         return 0
+        ...     return int(np.searchsorted(np.cumsum(s**2) / total, energy - 1e-12)) + 1
+        >>> check_energy_rank(energy_rank, student_id="ada@example.edu")  # silent: right
+        >>> def unsquared(M, energy=0.9):
+        ...     s = np.linalg.svd(M, compute_uv=False)
+        ...     return 0 if s.sum() == 0 else int(np.sum(np.cumsum(s) / s.sum() < energy)) + 1
+        >>> check_energy_rank(unsquared)
+        Traceback (most recent call last):
+        ...
+        lowrank.checks._feedback.CheckFailed: check_energy_rank: wrong energy rank
+          case:     M (24, 22) with s = [6.0, 3.0, 2.0, 1.5, 1.0, 0.5, 0.25, 0.1], energy=0.5
+          expected: 1
+          got:      2
+          hint:     energy is the squared Frobenius norm, sum of s_i^2: shares of s itself
+                    ([0.418, 0.627, 0.767, 0.871, 0.941, 0.976, 0.993, 1.0]) make the rank look
+                    higher than it is
+    """
     check = "check_energy_rank"
     check_callable(check, energy_rank)
     check_own_work(check, energy_rank)
@@ -64,7 +96,30 @@ def check_energy_rank(energy_rank, *, student_id: str | None = None) -> None:
 
 def check_subspace_similarity(subspace_similarity, *, student_id: str | None = None) -> None:
     """subspace_similarity(A1, A2, i, j) -> phi = ||V1_i^T V2_j||_F^2 / min(i, j), V_k the top-k
-    RIGHT singular vectors (rows of Vh) of each A [r, in], as in the LoRA paper (section 7.2)."""
+    RIGHT singular vectors (rows of Vh) of each A [r, in], as in the LoRA paper (section 7.2).
+
+    Hu et al. 2021, arXiv:2106.09685, Figure 3. The adapters are built from chosen orthonormal
+    directions and a chosen angle between them, so phi is known by construction.
+
+    Examples:
+        >>> def subspace_similarity(A1, A2, i, j):
+        ...     V1 = np.linalg.svd(A1)[2][:i]  # (i, in)
+        ...     V2 = np.linalg.svd(A2)[2][:j]  # (j, in)
+        ...     return float(np.sum((V1 @ V2.T) ** 2) / min(i, j))
+        >>> check_subspace_similarity(subspace_similarity, student_id="ada@example.edu")
+        >>> def over_max(A1, A2, i, j):
+        ...     V1, V2 = np.linalg.svd(A1)[2][:i], np.linalg.svd(A2)[2][:j]
+        ...     return float(np.sum((V1 @ V2.T) ** 2) / max(i, j))
+        >>> check_subspace_similarity(over_max)
+        Traceback (most recent call last):
+        ...
+        lowrank.checks._feedback.CheckFailed: check_subspace_similarity: wrong phi
+          case:     A1 (r=4) and A3 (r=6), i=2, j=6, angle between their second directions
+                    1.103 rad
+          expected: 0.601484 (by construction)
+          got:      0.200495
+          hint:     divide by min(i, j), not max(i, j): phi = 1 when one span contains the other
+    """
     check = "check_subspace_similarity"
     check_callable(check, subspace_similarity)
     check_own_work(check, subspace_similarity)

@@ -9,7 +9,10 @@ autograd through it (gradients within 1e-4 relative), plus two facts that need n
 every LoRA B receives a non-zero gradient, and the encoder runs a second time during backward.
 The model under test (a 2-layer random BERT with LoRA, built with lowrank.torch) is the
 subject, not the oracle. For accumulation, one backward pass over the whole batch in float64
-(1e-10). torch is imported inside the checks."""
+(1e-10). torch is imported inside the checks.
+
+    check_accumulate_gradients(accumulate_gradients, student_id="ada@example.edu")  # or CheckFailed
+"""
 
 import math
 
@@ -21,6 +24,8 @@ from ._feedback import (
     fail,
 )
 from .finetune import finetune_variant
+
+__all__ = ["check_accumulate_gradients", "check_checkpointed_logits"]
 
 
 def _tiny_classifier(seed: int):
@@ -60,7 +65,39 @@ def _tiny_classifier(seed: int):
 def check_checkpointed_logits(checkpointed_logits, *, student_id: str | None = None) -> None:
     """checkpointed_logits(model, input_ids, attention_mask) -> (batch, labels) logits of a
     MeanPoolClassifier whose encoder runs under reentrant activation checkpointing, with
-    gradients reaching every LoRA factor."""
+    gradients reaching every LoRA factor.
+
+    input_ids and attention_mask are (batch, tokens). Activation checkpointing (Chen et al.
+    2016, arXiv:1604.06174) on a frozen base with LoRA adapters (Hu et al. 2021,
+    arXiv:2106.09685): the logits must match the model's own forward, every LoRA B must get a
+    gradient, and the encoder must run again during backward.
+
+    Examples:
+        >>> from torch.utils.checkpoint import checkpoint
+        >>> def checkpointed_logits(model, input_ids, attention_mask):
+        ...     embeds = model.encoder.get_input_embeddings()(input_ids)  # (batch, tokens, h)
+        ...     embeds.requires_grad_(True)  # else reentrant checkpointing skips the encoder
+        ...     def encode(embeds):
+        ...         out = model.encoder(inputs_embeds=embeds, attention_mask=attention_mask)
+        ...         return out.last_hidden_state
+        ...     states = checkpoint(encode, embeds, use_reentrant=True)  # (batch, tokens, h)
+        ...     mask = attention_mask.unsqueeze(-1).to(states.dtype)  # (batch, tokens, 1)
+        ...     pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)  # (batch, h)
+        ...     return model.head(pooled)  # (batch, labels)
+        >>> check_checkpointed_logits(checkpointed_logits, student_id="ada@example.edu")
+        >>> check_checkpointed_logits(lambda model, input_ids, mask: model(input_ids, mask))
+        Traceback (most recent call last):
+        ...
+        lowrank.checks._feedback.CheckFailed: check_checkpointed_logits: the encoder was not
+        checkpointed
+          case:     a 2-layer BERT (hidden 16), LoRA r=2 on query/value, frozen base, trainable
+                    head
+          expected: layer 0 runs twice per step: in the forward pass, and again in backward
+          got:      it ran 1 time(s)
+          hint:     run the encoder inside torch.utils.checkpoint.checkpoint(fn, embeds,
+                    use_reentrant=True): it keeps only the inputs and recomputes the rest in
+                    backward
+    """
     import torch
     import torch.nn.functional as F
 
@@ -165,7 +202,40 @@ def _same(got: list, want: list, rtol: float) -> bool:
 def check_accumulate_gradients(accumulate_gradients, *, student_id: str | None = None) -> None:
     """accumulate_gradients(model, examples, micro_batch_size, loss_fn, collate) adds to each
     parameter's .grad the gradient of the MEAN loss over all examples, working through them in
-    micro-batches (the last may be shorter), and returns that mean loss as a float."""
+    micro-batches (the last may be shorter), and returns that mean loss as a float.
+
+    loss_fn(model, batch) is a micro-batch's mean loss, collate(examples) makes the batch;
+    checked on 11 examples in micro-batches of 4, 3 and 11 against one full-batch backward
+    pass in float64.
+
+    Examples:
+        >>> def accumulate_gradients(model, examples, micro_batch_size, loss_fn, collate):
+        ...     n, total = len(examples), 0.0
+        ...     for start in range(0, n, micro_batch_size):
+        ...         chunk = examples[start : start + micro_batch_size]
+        ...         loss = loss_fn(model, collate(chunk)) * (len(chunk) / n)  # its share
+        ...         loss.backward()  # adds into .grad
+        ...         total += loss.item()
+        ...     return total
+        >>> check_accumulate_gradients(accumulate_gradients, student_id="ada@example.edu")
+        >>> def mean_of_means(model, examples, micro_batch_size, loss_fn, collate):
+        ...     starts = range(0, len(examples), micro_batch_size)
+        ...     chunks = [examples[s : s + micro_batch_size] for s in starts]
+        ...     losses = [loss_fn(model, collate(chunk)) / len(chunks) for chunk in chunks]
+        ...     sum(losses).backward()
+        ...     return sum(losses).item()
+        >>> check_accumulate_gradients(mean_of_means)
+        Traceback (most recent call last):
+        ...
+        lowrank.checks._feedback.CheckFailed: check_accumulate_gradients: the accumulated
+        gradient is not the full batch's (float64, allowed 1e-10)
+          case:     11 examples, micro_batch_size=4 (micro-batches of [4, 4, 3])
+          expected: [...]
+          got:      [...]
+          hint:     a mean of micro-batch means: with a short last micro-batch its examples
+                    weigh more than the others'. Scale each micro-batch's mean loss by
+                    len(chunk) / n
+    """
     import torch
     import torch.nn.functional as F
     from torch import nn

@@ -7,6 +7,9 @@ with the saved adapter as `adapter/`. The folder changes as a unit
 this one, complete, never this report beside the previous run's adapter or plots.
 
     write_report(report, Path("lowrank-report"), adapter=saved)  # report: `demo.run_demo`'s dict
+
+Constants: `FIGURES`, the PNG files a report holds; `REPORT_ENTRIES`, every entry of the folder
+that a report owns (replaced or dropped by the next one).
 """
 
 import json
@@ -16,9 +19,25 @@ import numpy as np
 
 from lowrank._folders import copy_tree, write_folder_atomically
 
+__all__ = ["FIGURES", "REPORT_ENTRIES", "format_summary", "format_table", "write_report"]
+
 
 def format_table(rows: list[dict]) -> str:
-    """The comparison as a Markdown table."""
+    """The comparison as a Markdown table, one row per method (`demo.run_demo`'s "rows").
+
+    Examples:
+        >>> row = {"method": "LoRA r=8", "targets": "query,value", "accuracy": 0.912,
+        ...        "trainable_params": 74_498, "trainable_share": 0.0033, "saved_bytes": 300_544,
+        ...        "peak_bytes": None, "wall_time_s": 41.2}
+        >>> full = {**row, "method": "full fine-tuning", "targets": "all", "accuracy": 0.915,
+        ...         "trainable_params": 22_713_986, "trainable_share": 1.0,
+        ...         "saved_bytes": 90_900_000, "peak_bytes": 1_200_000_000}
+        >>> print(format_table([row, full]))
+        | method | targets | test acc. | trainable params | share | saved | peak memory | time |
+        |---|---|---:|---:|---:|---:|---:|---:|
+        | LoRA r=8 | query,value | 0.912 | 74,498 | 0.33% | 300.5 KB | n/a | 41.2 s |
+        | full fine-tuning | all | 0.915 | 22,713,986 | 100.00% | 90.9 MB | 1.2 GB | 41.2 s |
+    """
     lines = [
         "| method | targets | test acc. | trainable params | share | saved | peak memory | time |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -35,7 +54,40 @@ def format_table(rows: list[dict]) -> str:
 
 
 def format_summary(report: dict) -> str:
-    """The Markdown summary: the table, then each verification in a sentence or two."""
+    """The Markdown summary: the table, then each verification in a sentence or two.
+
+    `report` is the dict `demo.run_demo` returns (what summary.md holds).
+
+    Examples:
+        >>> row = {"method": "LoRA r=8", "targets": "query,value", "accuracy": 0.912,
+        ...        "trainable_params": 74_498, "trainable_share": 0.0033, "saved_bytes": 300_544,
+        ...        "peak_bytes": None, "wall_time_s": 41.2}
+        >>> report = {
+        ...     "model": "all-MiniLM-L6-v2", "device": "cpu", "torch_threads": 1,
+        ...     "data": "VADER words", "config": {"epochs": 2, "batch_size": 32}, "rows": [row],
+        ...     "lora_within_1_point_of_full": True, "best_lora": "LoRA r=8",
+        ...     "full_minus_best_lora_points": 0.3,
+        ...     "update_ranks": {"layer.0.query.weight": {
+        ...         "shape": [384, 384], "energy_rank_90": 40, "random_energy_rank_90": 250,
+        ...         "energy_rank_99": 120, "effective_rank": 80.3}},
+        ...     "merge": {"max_abs_logit_diff": 2e-6, "max_abs_logit": 3.1,
+        ...               "merged_over_base": 1.01, "unmerged_over_base": 1.12},
+        ...     "adapter_reload": {"folder": "lowrank-report/adapter", "identical": True,
+        ...                        "trained_accuracy": 0.912, "reloaded_accuracy": 0.912},
+        ...     "numpy_vs_torch": {"steps": 50, "max_relative_loss_diff": 2e-16,
+        ...                        "max_relative_adapter_diff": 3e-15},
+        ...     "total_time_s": 312,
+        ... }
+        >>> summary = format_summary(report).splitlines()
+        >>> summary[0]
+        '# lowrank demo'
+        >>> print(next(line for line in summary if line.startswith("**Verdict")))
+        **Verdict: LoRA came within 1 point of full fine-tuning on this task.** Best LoRA: LoRA
+        r=8, 0.3 points behind full fine-tuning.
+        >>> print(next(line for line in summary if line.startswith("2. Merging")))
+        2. Merging: merged and unmerged logits differ by at most 2.00e-06 (largest logit 3.10).
+        Forward time merged / base = 1.01, unmerged / base = 1.12 (medians, measured in one run).
+    """
     merge, reload, agree = report["merge"], report["adapter_reload"], report["numpy_vs_torch"]
     verdict = "came" if report["lora_within_1_point_of_full"] else "did NOT come"
     ranks = "\n".join(
@@ -108,7 +160,19 @@ def write_report(report: dict, out_dir: Path, adapter: Path | None = None) -> No
     """Write report.json, summary.md, the PNG plots and (from folder `adapter`, e.g. what
     `save_trainable` wrote) `adapter/` into `out_dir`, all as one unit. Other files in
     `out_dir` are kept; an `adapter/` or plot of an earlier report that this one does not
-    write is dropped."""
+    write is dropped.
+
+    Needs matplotlib (the plots are drawn with `lowrank.viz`); `report` is the dict
+    `demo.run_demo` returns (which calls this itself).
+
+    Examples:
+        >>> from lowrank.commands.demo import DemoConfig, run_demo  # doctest: +SKIP
+        >>> report = run_demo(DemoConfig.smoke(), out_dir="lowrank-report")  # doctest: +SKIP
+        >>> write_report(report, Path("report-copy"))  # doctest: +SKIP
+        >>> sorted(path.name for path in Path("report-copy").iterdir())  # doctest: +SKIP
+        ['accuracy.png', 'loss_curves.png', 'report.json', 'summary.md', 'trainable_params.png',
+         'update_energy.png']
+    """
     import matplotlib
 
     matplotlib.use("Agg")

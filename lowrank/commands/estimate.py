@@ -7,6 +7,8 @@ The config is the user's file, so it is read and checked here first: every probl
 file, a folder without config.json, not UTF-8, not JSON, not an object, no model_type, a size
 that is missing or not a positive integer) is a ValueError or an OSError whose message starts
 with the file's path.
+
+    lowrank estimate Llama-2-7b/config.json --method qlora --batch-size 4
 """
 
 import argparse
@@ -17,6 +19,8 @@ from lowrank._validate import check_int
 from lowrank.data import json_kind, loads_json
 from lowrank.memory import estimate_memory
 from lowrank.shapes import config_to_shape
+
+__all__ = ["main", "read_config"]
 
 # The sizes `shapes.config_to_shape` reads, by the smallest value each may take. They are
 # checked under their config.json names, so the message names the key the user wrote.
@@ -30,7 +34,29 @@ _SIZE_KEYS = {
 
 
 def read_config(path: str | os.PathLike) -> dict:
-    """A Hugging Face config.json (or a model folder holding one) as a checked dict."""
+    """A Hugging Face config.json (or a model folder holding one) as a checked dict.
+
+    Raises:
+        FileNotFoundError: no such file, or a folder without config.json.
+        ValueError: not UTF-8, not a JSON object, no model_type, a size that is not a
+            positive int, or a key the architecture needs is missing; the message starts
+            with the file's path.
+
+    Examples:
+        >>> import json, tempfile
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> config = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32,
+        ...           "num_attention_heads": 32, "intermediate_size": 11008, "vocab_size": 32000}
+        >>> _ = (Path(folder.name) / "config.json").write_text(json.dumps(config))
+        >>> read_config(folder.name)["hidden_size"]  # the folder, or its config.json
+        4096
+        >>> _ = (Path(folder.name) / "config.json").write_text('{"model_type": "llama"}')
+        >>> read_config(folder.name)
+        Traceback (most recent call last):
+        ...
+        ValueError: .../config.json: missing key 'hidden_size', which model_type 'llama' needs
+        >>> folder.cleanup()
+    """
     path = Path(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -76,7 +102,29 @@ def read_config(path: str | os.PathLike) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    """`lowrank estimate CONFIG [--method ...]`: print the estimate's breakdown."""
+    """`lowrank estimate CONFIG [--method ...]`: print the estimate's breakdown; returns 0.
+
+    `args` comes from `lowrank.cli.build_parser()`; the estimate is
+    `lowrank.memory.estimate_memory` (LoRA: Hu et al. 2021, arXiv:2106.09685; QLoRA's NF4
+    weights: Dettmers et al. 2023, arXiv:2305.14314).
+
+    Examples:
+        >>> import json, tempfile
+        >>> from lowrank.cli import build_parser
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> config = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32,
+        ...           "num_attention_heads": 32, "intermediate_size": 11008, "vocab_size": 32000}
+        >>> _ = (Path(folder.name) / "config.json").write_text(json.dumps(config))
+        >>> main(build_parser().parse_args(["estimate", folder.name, "--targets", "q_proj,v_proj"]))
+        llama: qlora, r=8 on q_proj,v_proj, weights NF4 linears + bf16, batch 1 x 512 tokens
+        trainable parameters 4,194,304 of 6,742,609,920 (0.062%)
+          weights                    3.9 GB (3.6 GiB)
+        ...
+          total                      6.2 GB (5.8 GiB)
+        fits in 8 GB of GPU memory (counting ~0.5 GB for the CUDA context)
+        0
+        >>> folder.cleanup()
+    """
     estimate = estimate_memory(
         read_config(args.config),
         method=args.method,

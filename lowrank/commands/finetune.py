@@ -32,6 +32,8 @@ from lowrank.torch import (
 )
 from lowrank.torch.hf import HEAD_NAMES
 
+__all__ = ["finetune", "main"]
+
 
 def _tokenize_for_training(dataset, tokenizer, max_length: int) -> list[dict]:
     """Token ids and labels per row. Language modelling: labels are the ids themselves (the
@@ -148,6 +150,39 @@ def finetune(
     (LoRA: query and value projections; QLoRA: all linear layers), "all-linear", or names.
     lr: None for 2e-5 (full) or 2e-4 (adapters). Writes log.jsonl, the adapter (PEFT layout)
     and other trained tensors to `out_dir`. Returns the `TrainResult`.
+
+    LoRA: Hu et al. 2021, arXiv:2106.09685; QLoRA: Dettmers et al. 2023, arXiv:2305.14314;
+    the optimizer is AdamW (Loshchilov & Hutter, arXiv:1711.05101) with warmup and cosine decay.
+    The arguments and the data file are checked before any model is loaded.
+
+    Args:
+        model_name_or_path: a local model folder, or a Hugging Face model name in the cache.
+        data_path: the JSONL file.
+        method: "full", "lora" or "qlora".
+        r: the LoRA rank.
+        alpha: LoRA's alpha (scale = alpha / r).
+        targets: the layers to adapt (see above).
+        epochs: passes over the data.
+        batch_size: examples per optimizer step.
+        lr: the peak learning rate.
+        max_length: tokens kept per row.
+        out_dir: where log.jsonl and the trained tensors go.
+        gradient_checkpointing: recompute activations in backward to save memory.
+        progress: show a progress bar.
+
+    Examples:
+        >>> from lowrank.torch.hf import minilm_path
+        >>> result = finetune(minilm_path(), "reviews.jsonl", r=4)  # doctest: +SKIP
+        >>> len(result.losses) == result.steps  # one loss per optimizer step  # doctest: +SKIP
+        True
+        >>> finetune("gpt2", "reviews.jsonl", method="dora")
+        Traceback (most recent call last):
+        ...
+        ValueError: method must be one of ['full', 'lora', 'qlora'], got 'dora'
+        >>> finetune("./no-such-model", "reviews.jsonl")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: no model folder at './no-such-model'
     """
     check_choice("method", method, METHODS)
     for name, value in (("r", r), ("epochs", epochs), ("batch_size", batch_size)):
@@ -212,7 +247,17 @@ def finetune(
 
 def main(args: argparse.Namespace) -> int:
     """`lowrank finetune MODEL DATA [--method ...]`: train, print the steps and the final loss.
-    Bad arguments, data or model folders raise the errors `lowrank.cli.main` prints."""
+    Bad arguments, data or model folders raise the errors `lowrank.cli.main` prints; a loss
+    that is not finite is a ValueError. Returns 0.
+
+    Examples:
+        >>> from lowrank.cli import build_parser
+        >>> args = build_parser().parse_args(["finetune", "gpt2", "data.jsonl", "--r", "4"])
+        >>> args.method, args.r, args.out
+        ('lora', 4, 'runs/finetune')
+        >>> # prints "<steps> steps, final loss <loss>; written to runs/finetune", returns 0
+        >>> main(args)  # doctest: +SKIP
+    """
     result = finetune(
         args.model,
         args.data,

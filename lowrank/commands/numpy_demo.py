@@ -15,6 +15,13 @@ Undoing a rotation in one plane is a rank-2 change of the input, x -> R x with R
 with how many trainable parameters, and the energy rank (90%) of the update Delta W that full
 fine-tuning made to each layer. Everything is seeded; a run takes a few seconds. It needs
 NumPy only: it imports `lowrank.numpy`, never torch.
+
+Constants, the demo's fixed settings: `N_FEATURES`, `N_CLASSES`, `HIDDEN` (the MLP's sizes),
+`SHIFT_DEGREES` (the rotation of the shifted task), `RANKS` (LoRA's ranks), `N_PRETRAIN`,
+`N_ADAPT`, `N_TEST` (examples), `NOISE` (the noise's std), `ADAPT_EPOCHS`, `FULL_LR` and
+`LORA_LR` (AdamW, Loshchilov & Hutter, arXiv:1711.05101).
+
+    print(format_report(run_demo(seed=0)))  # what `lowrank numpy-demo` prints
 """
 
 import argparse
@@ -25,6 +32,25 @@ import numpy as np
 
 from lowrank._validate import check_int
 from lowrank.numpy import MLP, AdamW, accuracy, add_lora, energy_rank, train
+
+__all__ = [
+    "ADAPT_EPOCHS",
+    "FULL_LR",
+    "HIDDEN",
+    "LORA_LR",
+    "NOISE",
+    "N_ADAPT",
+    "N_CLASSES",
+    "N_FEATURES",
+    "N_PRETRAIN",
+    "N_TEST",
+    "RANKS",
+    "SHIFT_DEGREES",
+    "format_report",
+    "main",
+    "make_sectors",
+    "run_demo",
+]
 
 N_FEATURES = 16
 N_CLASSES = 8
@@ -42,7 +68,18 @@ def make_sectors(
 ) -> tuple[np.ndarray, np.ndarray]:
     """n points (n, 16) and labels (n,): the label is the angle's sector (0..7) in `plane`
     (2, 16, orthonormal rows); the point is placed at that angle plus `rotation_degrees`, at a
-    radius in [1, 2], plus Gaussian noise (std 0.1) in all 16 directions."""
+    radius in [1, 2], plus Gaussian noise (std 0.1) in all 16 directions.
+
+    Examples:
+        >>> rng = np.random.default_rng(0)
+        >>> plane = np.linalg.qr(rng.normal(size=(16, 2)))[0].T  # (2, 16), orthonormal rows
+        >>> X, y = make_sectors(5, plane, 0.0, rng)
+        >>> X.shape, y.dtype, y.tolist()  # labels: the sector, 0..7
+        ((5, 16), dtype('int64'), [1, 5, 4, 2, 3])
+        >>> radius = np.linalg.norm(X @ plane.T, axis=1)  # (5, 16) @ (16, 2) -> (5, 2)
+        >>> bool(np.all((radius > 0.5) & (radius < 2.5)))  # in [1, 2], plus the noise
+        True
+    """
     angle = rng.uniform(0.0, 2 * np.pi, n)
     labels = (angle // (2 * np.pi / N_CLASSES)).astype(np.int64)
     radius = rng.uniform(1.0, 2.0, n)
@@ -53,7 +90,22 @@ def make_sectors(
 
 
 def run_demo(seed: int = 0) -> dict:
-    """Pre-train, adapt with full fine-tuning and LoRA, return the results as a JSON-able dict."""
+    """Pre-train, adapt with full fine-tuning and LoRA, return the results as a JSON-able dict.
+
+    LoRA (Hu et al. 2021, arXiv:2106.09685) at each of RANKS with alpha = 2r, on every layer;
+    AdamW for every method. The dict holds the settings, one row per method (trainable
+    parameters, their share, accuracy before and after) and the energy rank of full
+    fine-tuning's update per layer. A few seconds.
+
+    Examples:
+        >>> result = run_demo(seed=0)  # doctest: +SKIP
+        >>> [row["method"] for row in result["methods"]]  # doctest: +SKIP
+        ['full fine-tuning', 'LoRA r=1', 'LoRA r=2', 'LoRA r=4', 'LoRA r=8']
+        >>> run_demo(seed=-1)
+        Traceback (most recent call last):
+        ...
+        ValueError: seed must be a non-negative int, got -1
+    """
     seed = check_int("seed", seed, low=0)  # NumPy's generators take non-negative seeds
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -133,7 +185,32 @@ def run_demo(seed: int = 0) -> dict:
 
 
 def format_report(result: dict) -> str:
-    """The demo's results as a plain-text report: one table of methods, one of ranks."""
+    """The demo's results as a plain-text report: one table of methods, one of ranks.
+
+    `result` is a dict as `run_demo` returns it.
+
+    Examples:
+        >>> result = {
+        ...     "seconds": 1.6, "model_sizes": [16, 64, 64, 8], "total_parameters": 5768,
+        ...     "pretrained_accuracy": 0.912,
+        ...     "task": {"features": 16, "classes": 8, "shift_degrees": 22.5,
+        ...              "pretrain_examples": 4000, "adapt_examples": 500, "test_examples": 2000},
+        ...     "adaptation": {"epochs": 20, "lr_full": 3e-4, "lr_lora": 3e-3},
+        ...     "methods": [{"method": "LoRA r=2", "trainable": 560, "share": 0.0885,
+        ...                  "accuracy_before": 0.5135, "accuracy_after": 0.9235}],
+        ...     "full_ft_update": [{"layer": "layers.0", "shape": [64, 16],
+        ...                         "energy_rank_90": 2, "max_rank": 16}],
+        ... }
+        >>> report = format_report(result)
+        >>> print(report.splitlines()[0])
+        lowrank NumPy demo: adapt a pre-trained MLP to a shifted task (generated data)
+        >>> for line in report.splitlines()[9:11]:  # the table of methods
+        ...     print(line)
+          method             trainable    share  acc. before  acc. after
+          LoRA r=2                 560     8.8%        51.3%       92.3%
+        >>> print(report.splitlines()[-1])
+          finished in 1.6 s
+    """
     task, adaptation = result["task"], result["adaptation"]
     lines = [
         "lowrank NumPy demo: adapt a pre-trained MLP to a shifted task (generated data)",
@@ -177,6 +254,14 @@ def format_report(result: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """`lowrank numpy-demo [--seed N]`: run the demo and print its report."""
+    """`lowrank numpy-demo [--seed N]`: run the demo and print its report; returns 0.
+
+    Examples:
+        >>> from lowrank.cli import build_parser
+        >>> args = build_parser().parse_args(["numpy-demo", "--seed", "1"])
+        >>> args.seed
+        1
+        >>> main(args)  # prints the report of `format_report`  # doctest: +SKIP
+    """
     print(format_report(run_demo(seed=args.seed)))
     return 0

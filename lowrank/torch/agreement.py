@@ -15,6 +15,11 @@ steps. `lowrank demo` reports this check; tests/equivalence/test_end_to_end.py a
 
     result = numpy_torch_agreement(steps=50, seed=0)
     result["max_relative_loss_diff"], result["max_relative_adapter_diff"]  # both about 1e-15
+
+Constants, the fixed settings of the experiment: `SIZES` (the MLP's layer widths), `N_EXAMPLES`
+and `BATCH_SIZE` (the data set and each step's batch), `RANK` and `ALPHA` (every adapter's r
+and alpha), `ADAMW` (the optimizer's settings, the same on both sides; Loshchilov & Hutter,
+arXiv:1711.05101).
 """
 
 import numpy as np
@@ -26,6 +31,17 @@ from lowrank.numpy import MLP, AdamW, train_step
 from lowrank.numpy import add_lora as numpy_add_lora
 from lowrank.torch.model import add_lora
 
+__all__ = [
+    "ADAMW",
+    "ALPHA",
+    "BATCH_SIZE",
+    "N_EXAMPLES",
+    "RANK",
+    "SIZES",
+    "TorchMLP",
+    "numpy_torch_agreement",
+]
+
 SIZES = (10, 32, 32, 4)  # features, hidden, hidden, classes
 N_EXAMPLES, BATCH_SIZE = 256, 32
 RANK, ALPHA = 4, 8
@@ -36,9 +52,20 @@ class TorchMLP(nn.Module):
     """lowrank.numpy's MLP as torch modules holding a copy of its weights, with the same
     parameter names (`layers.<i>.weight`, `layers.<i>.bias`), in float64.
 
-    >>> model = TorchMLP(MLP([10, 32, 32, 4], rng=np.random.default_rng(0)))
-    >>> model(torch.zeros(5, 10, dtype=torch.float64)).shape  # (batch, in) -> (batch, classes)
-    torch.Size([5, 4])
+    Args:
+        reference: the NumPy MLP whose weights are copied (it is not changed).
+
+    Examples:
+        >>> reference = MLP([10, 32, 32, 4], rng=np.random.default_rng(0))
+        >>> model = TorchMLP(reference)
+        >>> model(torch.zeros(5, 10, dtype=torch.float64)).shape  # (batch, in) -> (batch, classes)
+        torch.Size([5, 4])
+        >>> [name for name, _ in model.named_parameters()][:2]
+        ['layers.0.weight', 'layers.0.bias']
+        >>> x = np.random.default_rng(1).normal(size=(3, 10))
+        >>> y = model(torch.from_numpy(x)).detach().numpy()  # (3, 10) -> (3, 4)
+        >>> np.allclose(y, reference.forward(x, training=False))
+        True
     """
 
     def __init__(self, reference: MLP) -> None:
@@ -67,8 +94,18 @@ def numpy_torch_agreement(steps: int = 50, seed: int = 0, *, use_rslora: bool = 
     final A and B of every adapted layer from both sides (`adapters`, keyed `layers.<i>.A`) and
     their largest difference relative to the largest entry of each NumPy matrix.
 
-    >>> numpy_torch_agreement(steps=5)["max_relative_loss_diff"] < 1e-9
-    True
+    LoRA (Hu et al. 2021, arXiv:2106.09685) with scale alpha / r, or with `use_rslora` alpha /
+    sqrt(r) (Kalajdzievski 2023, arXiv:2312.03732); AdamW (Loshchilov & Hutter,
+    arXiv:1711.05101) on both sides.
+
+    Examples:
+        >>> result = numpy_torch_agreement(steps=5)
+        >>> result["max_relative_loss_diff"] < 1e-9, result["max_relative_adapter_diff"] < 1e-9
+        (True, True)
+        >>> result["trainable"], len(result["torch_losses"])
+        ({'numpy': 568, 'torch': 568}, 5)
+        >>> sorted(result["adapters"])[:2]  # each {"numpy": ..., "torch": ...} as nested lists
+        ['layers.0.A', 'layers.0.B']
     """
     rng = np.random.default_rng(seed)
     X = rng.normal(size=(N_EXAMPLES, SIZES[0]))  # (256, 10)

@@ -5,9 +5,23 @@ al. 2021, arXiv:2106.09685, section 7): same names, same definitions, same edge 
 may be any real tensor (float32 and bfloat16 weights included, requires_grad or not); the maths
 runs in float64 on the tensor's own device, without autograd. Matrices come back as float64
 tensors on that device, numbers as Python floats and ints, as NumPy's side returns them.
+
+    energy_rank(lora_B @ lora_A, 0.9)   # directions holding 90% of the update's energy
+    subspace_similarity(A_r8, A_r64, 1, 1)
 """
 
 import torch
+
+__all__ = [
+    "best_rank_r",
+    "effective_rank",
+    "energy_captured",
+    "energy_rank",
+    "singular_values",
+    "stable_rank",
+    "subspace_similarity",
+    "subspace_similarity_grid",
+]
 
 
 def _as_matrix(M: torch.Tensor, name: str = "M") -> torch.Tensor:
@@ -44,14 +58,35 @@ def _numerical_rank(s: torch.Tensor, shape: tuple[int, int]) -> int:
 
 
 def singular_values(M: torch.Tensor) -> torch.Tensor:
-    """The singular values of M, float64 on M's device, descending, length min(M.shape)."""
+    """The singular values of M (m, n), float64 (min(m, n),) on M's device, descending.
+
+    Examples:
+        >>> singular_values(torch.diag(torch.tensor([3.0, 2.0, 1.0])))
+        tensor([3., 2., 1.], dtype=torch.float64)
+        >>> singular_values(torch.ones(2, 3, dtype=torch.bfloat16)).shape
+        torch.Size([2])
+        >>> singular_values(torch.ones(3))
+        Traceback (most recent call last):
+        ...
+        ValueError: M must be a 2-D matrix, got 1 dimension(s) (3,)
+    """
     return torch.linalg.svdvals(_as_matrix(M))
 
 
 def best_rank_r(M: torch.Tensor, r: int) -> torch.Tensor:
     """The closest matrix of rank <= r to M (truncated SVD), float64, M's shape and device.
     Eckart-Young-Mirsky: the error is sqrt(sum_{i > r} s_i^2) in Frobenius norm, the least any
-    rank-r matrix achieves. r = 0 gives zeros, r = min(M.shape) gives M back."""
+    rank-r matrix achieves. r = 0 gives zeros, r = min(M.shape) gives M back.
+
+    Examples:
+        >>> M = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
+        >>> best_rank_r(M, 1)
+        tensor([[3., 0., 0.],
+                [0., 0., 0.],
+                [0., 0., 0.]], dtype=torch.float64)
+        >>> round(float(torch.linalg.norm(M - best_rank_r(M, 1))), 4)  # sqrt(2^2 + 1^2)
+        2.2361
+    """
     M = _as_matrix(M)
     _check_rank_arg(r, tuple(M.shape))
     U, s, Vh = torch.linalg.svd(M, full_matrices=False)  # (m, k), (k,), (k, n), k = min(m, n)
@@ -60,7 +95,15 @@ def best_rank_r(M: torch.Tensor, r: int) -> torch.Tensor:
 
 def energy_captured(M: torch.Tensor, r: int) -> float:
     """Share of ||M||_F^2 held by the top r singular values, in [0, 1]; 1.0 for the zero
-    matrix (there is no energy to miss)."""
+    matrix (there is no energy to miss).
+
+    Examples:
+        >>> M = torch.diag(torch.tensor([3.0, 2.0, 1.0]))  # energy 9 + 4 + 1 = 14
+        >>> round(energy_captured(M, 1), 4), round(energy_captured(M, 2), 4)  # 9/14, 13/14
+        (0.6429, 0.9286)
+        >>> energy_captured(torch.zeros(2, 2), 1)
+        1.0
+    """
     M = _as_matrix(M)
     _check_rank_arg(r, tuple(M.shape))
     s = torch.linalg.svdvals(M)
@@ -72,7 +115,17 @@ def energy_captured(M: torch.Tensor, r: int) -> float:
 
 def energy_rank(M: torch.Tensor, energy: float = 0.9) -> int:
     """The smallest r whose top-r singular values hold at least `energy` (a share in (0, 1]) of
-    ||M||_F^2. energy=1.0 gives the numerical rank; the zero matrix has energy rank 0."""
+    ||M||_F^2. energy=1.0 gives the numerical rank; the zero matrix has energy rank 0.
+
+    Examples:
+        >>> M = torch.diag(torch.tensor([3.0, 2.0, 1.0]))  # shares 9/14, 13/14, 1
+        >>> energy_rank(M, 0.5), energy_rank(M, 0.9), energy_rank(M, 1.0)
+        (1, 2, 3)
+        >>> energy_rank(M, 1.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: energy must be a share in (0, 1], got 1.5
+    """
     if isinstance(energy, bool) or not isinstance(energy, (int, float)):
         raise TypeError(f"energy must be a number in (0, 1], got {type(energy).__name__}")
     if not 0.0 < energy <= 1.0:
@@ -88,7 +141,15 @@ def energy_rank(M: torch.Tensor, energy: float = 0.9) -> int:
 
 def effective_rank(M: torch.Tensor) -> float:
     """Roy & Vetterli's effective rank exp(-sum_i p_i log p_i), p_i = s_i / sum_j s_j: n for the
-    n x n identity, 1 for rank 1, 0.0 for the zero matrix."""
+    n x n identity, 1 for rank 1, 0.0 for the zero matrix (Roy & Vetterli 2007, "The
+    effective rank: a measure of effective dimensionality").
+
+    Examples:
+        >>> round(effective_rank(torch.eye(4)), 4), round(effective_rank(torch.ones(3, 3)), 4)
+        (4.0, 1.0)
+        >>> round(effective_rank(torch.diag(torch.tensor([3.0, 2.0, 1.0]))), 4)
+        2.7495
+    """
     s = singular_values(M)
     total = float(s.sum())
     if total == 0.0:
@@ -98,7 +159,14 @@ def effective_rank(M: torch.Tensor) -> float:
 
 
 def stable_rank(M: torch.Tensor) -> float:
-    """||M||_F^2 / ||M||_2^2 = sum_i s_i^2 / s_1^2; 0.0 for the zero matrix."""
+    """||M||_F^2 / ||M||_2^2 = sum_i s_i^2 / s_1^2; 0.0 for the zero matrix.
+
+    Examples:
+        >>> round(stable_rank(torch.diag(torch.tensor([3.0, 2.0, 1.0]))), 4)  # 14 / 9
+        1.5556
+        >>> stable_rank(torch.eye(4)), stable_rank(torch.zeros(2, 2))
+        (4.0, 0.0)
+    """
     s = singular_values(M)
     if s[0] == 0.0:
         return 0.0
@@ -131,7 +199,19 @@ def _check_pair(A1: torch.Tensor, A2: torch.Tensor) -> tuple[torch.Tensor, torch
 def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor, i: int, j: int) -> float:
     """The LoRA paper's phi(A1, A2, i, j) = ||V1_i^T V2_j||_F^2 / min(i, j), in [0, 1], from the
     top-i and top-j RIGHT-singular vectors (rows of Vh) of A1 [r1, in] and A2 [r2, in].
-    i must be in [1, rank(A1)] and j in [1, rank(A2)]."""
+    i must be in [1, rank(A1)] and j in [1, rank(A2)] (Hu et al. 2021, arXiv:2106.09685,
+    section 7.2).
+
+    Examples:
+        >>> A1 = torch.tensor([[2.0, 0, 0, 0], [0, 1.0, 0, 0]])  # (2, 4): directions e0, e1
+        >>> A2 = torch.tensor([[3.0, 0, 0, 0], [0, 0, 1.0, 0]])  # (2, 4): directions e0, e2
+        >>> subspace_similarity(A1, A2, 1, 1), subspace_similarity(A1, A2, 2, 2)
+        (1.0, 0.5)
+        >>> subspace_similarity(A1, A2, 3, 1)
+        Traceback (most recent call last):
+        ...
+        ValueError: i must be in [1, 2] for shape (2, 4), got 3
+    """
     A1, A2 = _check_pair(A1, A2)
     V1 = _top_right_singular_vectors(A1, i, "A1", "i")  # (i, in)
     V2 = _top_right_singular_vectors(A2, j, "A2", "j")  # (j, in)
@@ -141,7 +221,16 @@ def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor, i: int, j: int) -> f
 
 def subspace_similarity_grid(A1: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
     """phi(A1, A2, i, j) for all i in 1..rank(A1), j in 1..rank(A2): float64 [rank1, rank2] on
-    A1's device; entry [i-1, j-1] = subspace_similarity(A1, A2, i, j) (the paper's Figure 3)."""
+    A1's device; entry [i-1, j-1] = subspace_similarity(A1, A2, i, j) (the paper's Figure 3;
+    Hu et al. 2021, arXiv:2106.09685).
+
+    Examples:
+        >>> A1 = torch.tensor([[2.0, 0, 0, 0], [0, 1.0, 0, 0]])
+        >>> A2 = torch.tensor([[3.0, 0, 0, 0], [0, 0, 1.0, 0]])
+        >>> subspace_similarity_grid(A1, A2)
+        tensor([[1.0000, 1.0000],
+                [1.0000, 0.5000]], dtype=torch.float64)
+    """
     A1, A2 = _check_pair(A1, A2)
     _, s1, Vh1 = torch.linalg.svd(A1, full_matrices=False)
     _, s2, Vh2 = torch.linalg.svd(A2, full_matrices=False)

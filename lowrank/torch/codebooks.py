@@ -10,6 +10,8 @@ device and cached: the search table of a nearest-level search (`_search_table`: 
 levels' float32 midpoints), the levels of both nibbles of every byte (`_pair_table`) and the
 dynamic map (`_dynamic_map`). Under `torch.compile` the two decode tables enter the graph as
 constants (`assume_constant_result`): Dynamo calls them once while tracing.
+
+    code = nf4_code("cuda")  # float32 [16], index = 4-bit code
 """
 
 from dataclasses import dataclass
@@ -21,34 +23,95 @@ import torch
 from lowrank.numpy import codebooks as reference
 
 # torch >= 2.3 names it in torch.compiler; torch 2.1 and 2.2 only in torch._dynamo
+__all__ = ["code_for", "dynamic_map", "fp4_code", "int4_code", "nf4_code"]
+
 _constant_result = (
     getattr(torch.compiler, "assume_constant_result", None) or torch._dynamo.assume_constant_result
 )
 
 
 def nf4_code(device: torch.device | str | None = None) -> torch.Tensor:
-    """The 16 NF4 levels, float32, ascending, index = code (bitsandbytes' table)."""
+    """The 16 NF4 levels, float32 [16] on `device`, ascending, index = code (bitsandbytes' table).
+
+    NormalFloat4 (Dettmers et al. 2023, QLoRA, arXiv:2305.14314): quantiles of N(0, 1) scaled
+    to [-1, 1], with an exact zero at code 7.
+
+    Examples:
+        >>> code = nf4_code()
+        >>> code.shape, code.dtype
+        (torch.Size([16]), torch.float32)
+        >>> code[0].item(), code[7].item(), code[15].item()
+        (-1.0, 0.0, 1.0)
+        >>> bool(torch.all(code[1:] > code[:-1]))  # ascending
+        True
+    """
     return torch.from_numpy(reference.nf4_code()).to(device)
 
 
 def fp4_code(device: torch.device | str | None = None) -> torch.Tensor:
-    """bitsandbytes' FP4 table, float32, index = bit pattern (bit 3 = sign)."""
+    """bitsandbytes' FP4 table, float32 [16] on `device`, index = bit pattern (bit 3 = sign).
+
+    The 4-bit float of QLoRA (Dettmers et al. 2023, arXiv:2305.14314), normalised to [-1, 1];
+    not sorted: codes 8..15 are codes 0..7 with the sign flipped.
+
+    Examples:
+        >>> code = fp4_code()
+        >>> code[3].item(), code[11].item()  # bit 3 flips the sign
+        (1.0, -1.0)
+        >>> torch.equal(code[8:], -code[:8])
+        True
+    """
     return torch.from_numpy(reference.fp4_code()).to(device)
 
 
 def int4_code(device: torch.device | str | None = None) -> torch.Tensor:
-    """Symmetric absmax int4: code c holds (c - 8) / 7, float32."""
+    """Symmetric absmax int4: code c holds (c - 8) / 7, float32 [16] on `device`.
+
+    The plain integer baseline that NF4 and FP4 are compared with in QLoRA (Dettmers et al.
+    2023, arXiv:2305.14314); code 0 (-8 / 7) lies outside [-1, 1] and is never the nearest.
+
+    Examples:
+        >>> code = int4_code()
+        >>> code[8].item(), code[15].item()
+        (0.0, 1.0)
+        >>> round(code[1].item(), 4)
+        -1.0
+    """
     return torch.from_numpy(reference.int4_code()).to(device)
 
 
 def dynamic_map(device: torch.device | str | None = None) -> torch.Tensor:
     """The signed 8-bit dynamic map (256 float32 levels) used for double quantization;
-    bit-identical to `bitsandbytes.functional.create_dynamic_map(signed=True)`."""
+    bit-identical to `bitsandbytes.functional.create_dynamic_map(signed=True)`.
+
+    Dettmers et al. 2022, 8-bit optimizers via block-wise quantization (arXiv:2110.02861);
+    QLoRA quantizes its block scales with it (Dettmers et al. 2023, arXiv:2305.14314).
+    Returns float32 [256] on `device`.
+
+    Examples:
+        >>> table = dynamic_map()
+        >>> table.shape, table.dtype
+        (torch.Size([256]), torch.float32)
+        >>> table.max().item(), int((table == 0).sum())
+        (1.0, 1)
+    """
     return torch.from_numpy(reference.dynamic_map()).to(device)
 
 
 def code_for(quant_type: str, device: torch.device | str | None = None) -> torch.Tensor:
-    """The 16-level table of `quant_type` ("nf4", "fp4" or "int4"), index = 4-bit code."""
+    """The 16-level table of `quant_type` ("nf4", "fp4" or "int4"), index = 4-bit code:
+    float32 [16] on `device`. Another name is a ValueError.
+
+    Examples:
+        >>> torch.equal(code_for("nf4"), nf4_code())
+        True
+        >>> code_for("nf4", device="meta").device
+        device(type='meta')
+        >>> code_for("nf5")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown quant_type 'nf5'; expected one of ('nf4', 'fp4', 'int4')
+    """
     return torch.from_numpy(reference.code_for(quant_type)).to(device)
 
 

@@ -31,6 +31,15 @@ import torch
 from lowrank._validate import METHODS, check_choice, check_int
 from lowrank.shapes import MODEL_FAMILIES, read_config
 
+__all__ = [
+    "PeakMemory",
+    "current_rss_bytes",
+    "main",
+    "measure_peak_memory",
+    "peak_rss_bytes",
+    "reset_peak_rss",
+]
+
 # --- the process's resident memory (Linux /proc) -----------------------------------------------
 
 
@@ -43,17 +52,42 @@ def _status_bytes(field_name: str) -> int:
 
 
 def current_rss_bytes() -> int:
-    """This process's resident memory now (Linux)."""
+    """This process's resident memory now, in bytes (Linux: VmRSS of /proc/self/status;
+    elsewhere an OSError).
+
+    Examples:
+        >>> import sys
+        >>> sys.platform != "linux" or current_rss_bytes() > 0
+        True
+    """
     return _status_bytes("VmRSS")
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory since start or the last `reset_peak_rss` (Linux)."""
+    """This process's peak resident memory since start or the last `reset_peak_rss`, in bytes
+    (Linux: VmHWM of /proc/self/status; elsewhere an OSError).
+
+    Examples:
+        >>> import sys
+        >>> sys.platform != "linux" or peak_rss_bytes() >= current_rss_bytes()
+        True
+    """
     return _status_bytes("VmHWM")
 
 
 def reset_peak_rss() -> None:
-    """Reset the peak (VmHWM) to the current resident memory (Linux >= 4.0: clear_refs 5)."""
+    """Reset the peak (VmHWM) to the current resident memory (Linux >= 4.0: clear_refs 5;
+    elsewhere an OSError).
+
+    Examples:
+        >>> import sys
+        >>> if sys.platform == "linux":
+        ...     reset_peak_rss()
+        ...     print(peak_rss_bytes() - current_rss_bytes() < 2**20)  # peak = current again
+        ... else:
+        ...     print(True)
+        True
+    """
     with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
         f.write("5")
 
@@ -62,7 +96,19 @@ class PeakMemory:
     """Peak memory of a block: `with PeakMemory(device) as peak: ...`, then `peak.peak_bytes`
     (the highest the memory reached during the block) and `peak.rise_bytes` (how far above
     the start, >= 0). CUDA: the allocator's allocated bytes; CPU: the process's resident memory
-    (Linux). Both are None where the peak cannot be measured (a CPU without Linux /proc)."""
+    (Linux). Both are None where the peak cannot be measured (a CPU without Linux /proc).
+
+    Examples:
+        >>> import sys
+        >>> with PeakMemory("cpu") as peak:
+        ...     block = torch.ones(2**22)  # 16 MiB (resident unless reused memory was)
+        >>> sys.platform != "linux" or peak.peak_bytes >= peak.rise_bytes >= 0  # None off Linux
+        True
+        >>> with PeakMemory("cuda") as peak:  # doctest: +SKIP
+        ...     block = torch.ones(2**22, device="cuda")
+        >>> peak.rise_bytes >= 2**24  # doctest: +SKIP
+        True
+    """
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -118,6 +164,35 @@ def measure_peak_memory(
     already holds or has freed blurs the number. `targets` are layer names for `add_lora`
     (needed for "lora"/"qlora"). On "cpu" (Linux) it reads the rise of the peak resident memory,
     on "cuda" the caching allocator's peak (`torch.cuda.max_memory_allocated`).
+
+    Args:
+        config: a Hugging Face config (a dict, a config.json or its folder).
+        method: "full", "lora" or "qlora" (4-bit NF4 base, Dettmers et al. 2023).
+        batch_size: sequences per step.
+        seq_len: tokens per sequence.
+        r: the LoRA rank.
+        targets: layer names to adapt (`add_lora`), e.g. ["q_proj", "v_proj"].
+        gradient_checkpointing: recompute activations in backward (non-reentrant).
+        steps: AdamW steps measured.
+        device: "cpu" or "cuda".
+
+    Returns:
+        The rise of the peak memory in bytes while building and training the model.
+
+    Raises:
+        ValueError: a bad argument, or "lora"/"qlora" without targets.
+        RuntimeError: the measuring process failed (its stderr is in the message).
+
+    Examples:
+        >>> config = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 2,
+        ...           "vocab_size": 128, "n_positions": 64}
+        >>> rise = measure_peak_memory(config, seq_len=32, targets=["c_attn"])  # doctest: +SKIP
+        >>> rise > 0  # bytes; a fresh process builds and trains the model  # doctest: +SKIP
+        True
+        >>> measure_peak_memory(config, method="lora")
+        Traceback (most recent call last):
+        ...
+        ValueError: method 'lora' needs targets (layer names for add_lora)
     """
     check_choice("method", method, METHODS)
     sizes = dict(batch_size=batch_size, seq_len=seq_len, r=r, steps=steps)
@@ -153,7 +228,19 @@ def measure_peak_memory(
 
 def main() -> None:
     """The measuring process: `python -m lowrank.torch.measure '<case as JSON>'` prints the
-    rise in bytes (the keys of the case are `measure_peak_memory`'s arguments)."""
+    rise in bytes (the keys of the case are `measure_peak_memory`'s arguments).
+
+    Examples:
+        >>> import json, subprocess, sys
+        >>> config = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 2,
+        ...           "vocab_size": 128, "n_positions": 64}
+        >>> case = {"config": config, "method": "full", "batch_size": 1, "seq_len": 32, "r": 8,
+        ...         "targets": None, "gradient_checkpointing": False, "steps": 2, "device": "cpu"}
+        >>> command = [sys.executable, "-m", "lowrank.torch.measure", json.dumps(case)]
+        >>> done = subprocess.run(command, capture_output=True, text=True)  # doctest: +SKIP
+        >>> int(done.stdout.splitlines()[-1]) > 0  # the rise in bytes  # doctest: +SKIP
+        True
+    """
     import transformers  # only the measuring process builds models: the caller stays light
 
     from lowrank.torch import add_lora

@@ -11,6 +11,8 @@ saved either.
 
 `lowrank.torch.lora.add_lora(..., quant_type="nf4")` puts a `Linear4bit` under each LoRA
 wrapper; on its own it is a frozen `nn.Linear` that costs ~4.13 bits per weight.
+
+    layer = Linear4bit.from_linear(linear)  # y = layer(x): (..., in) -> (..., out)
 """
 
 import torch
@@ -20,6 +22,8 @@ from torch import nn
 from lowrank._validate import check_blocksize, check_bool, check_int, check_quant_type
 from lowrank.torch.quant import dequantize_4bit, quantize_4bit
 from lowrank.torch.quantized import DOUBLE_QUANT_BLOCKSIZE, Quantized4bit
+
+__all__ = ["Linear4bit"]
 
 
 class _Linear4bitFunction(torch.autograd.Function):
@@ -57,15 +61,37 @@ def _decode(layout, packed, absmax, offset, absmax2) -> torch.Tensor:
 class Linear4bit(nn.Module):
     """A frozen linear layer stored in 4 bits: y = x @ W^T + b, W [out, in] decoded on the fly.
 
-    Buffers (the quantized weight, see `lowrank.torch.quantized.Quantized4bit`):
-        weight_packed  uint8 [ceil(out * in / 2)]  two codes per byte
-        weight_absmax  float32 [n_blocks], or uint8 codes with double quantization
-        weight_offset  float32 [] (double quantization) or None
-        weight_absmax2 float32 [ceil(n_blocks / 256)] (double quantization) or None
+    QLoRA's frozen base layer (Dettmers et al. 2023, arXiv:2305.14314): NF4 with double
+    quantization by default, the LoRA adapters (Hu et al. 2021, arXiv:2106.09685) go on top.
+    The buffers below are the quantized weight (see `lowrank.torch.quantized.Quantized4bit`).
     There is deliberately no `.weight`: no full-precision copy exists. `dequantize_weight()`
     decodes one on demand. `bias` is a frozen nn.Parameter (or None), kept in full precision.
     The output has the input's dtype. `.to(dtype)` / `.half()` leave the quantization state as
     it is (it only follows the device), so the decoded weight never changes.
+
+    Attributes:
+        weight_packed: uint8 [ceil(out * in / 2)], two codes per byte.
+        weight_absmax: float32 [n_blocks], or uint8 codes with double quantization.
+        weight_offset: float32 [] (double quantization) or None.
+        weight_absmax2: float32 [ceil(n_blocks / 256)] (double quantization) or None.
+        bias: the frozen bias [out], or None.
+        weight_dtype: the dtype the weight had, which `dequantize_weight` returns.
+
+    Examples:
+        >>> torch.manual_seed(0)
+        <torch._C.Generator object at ...>
+        >>> linear = nn.Linear(64, 32)
+        >>> layer = Linear4bit.from_linear(linear)
+        >>> layer
+        Linear4bit(in_features=64, out_features=32, bias=True, quant_type=nf4, blocksize=64,
+                   double_quant=True)
+        >>> x = torch.randn(4, 64)
+        >>> layer(x).shape  # (batch, in) -> (batch, out)
+        torch.Size([4, 32])
+        >>> 8 * sum(b.numel() * b.element_size() for b in layer.buffers()) / (64 * 32)
+        4.15625
+        >>> layer.half().weight_absmax2.dtype  # the scales stay float32; the bias is float16
+        torch.float32
     """
 
     def __init__(
@@ -80,7 +106,15 @@ class Linear4bit(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        """An all-zero 4-bit layer of the given size (use `from_linear` to quantize a layer)."""
+        """An all-zero 4-bit layer of the given size (use `from_linear` to quantize a layer).
+
+        Examples:
+            >>> layer = Linear4bit(8, 4)
+            >>> layer.weight_packed.shape, layer.weight_absmax.dtype
+            (torch.Size([16]), torch.uint8)
+            >>> float(layer.dequantize_weight().abs().max())
+            0.0
+        """
         super().__init__()
         self.in_features = check_int("in_features", in_features)
         self.out_features = check_int("out_features", out_features)
@@ -118,7 +152,15 @@ class Linear4bit(nn.Module):
         double_quant: bool = True,
     ) -> "Linear4bit":
         """Quantize `linear`'s weight (its bias is copied, frozen). On the `meta` device only the
-        buffers' sizes are made, so parameter and byte counts can be planned without memory."""
+        buffers' sizes are made, so parameter and byte counts can be planned without memory.
+
+        Examples:
+            >>> layer = Linear4bit.from_linear(nn.Linear(4096, 4096, device="meta"))
+            >>> layer.weight_packed.shape, layer.weight_packed.device
+            (torch.Size([8388608]), device(type='meta'))
+            >>> round(8 * layer.quantized().nbytes / 4096**2, 3)  # QLoRA's 4.127 bits a weight
+            4.127
+        """
         weight = linear.weight
         layer = cls(
             linear.in_features,
@@ -139,7 +181,13 @@ class Linear4bit(nn.Module):
         return layer
 
     def quantized(self) -> Quantized4bit:
-        """The weight's quantized state (views of the buffers)."""
+        """The weight's quantized state (views of the buffers).
+
+        Examples:
+            >>> q = Linear4bit(8, 4, double_quant=False).quantized()
+            >>> q.shape, q.quant_type, q.absmax.shape
+            ((4, 8), 'nf4', torch.Size([1]))
+        """
         return Quantized4bit(
             packed=self.weight_packed,
             absmax=self.weight_absmax,
@@ -153,7 +201,18 @@ class Linear4bit(nn.Module):
         )
 
     def dequantize_weight(self) -> torch.Tensor:
-        """W [out, in] decoded from 4 bits, in the dtype the quantized weight had."""
+        """W [out, in] decoded from 4 bits, in the dtype the quantized weight had.
+
+        Examples:
+            >>> torch.manual_seed(0)
+            <torch._C.Generator object at ...>
+            >>> linear = nn.Linear(64, 32)
+            >>> w = Linear4bit.from_linear(linear).dequantize_weight()
+            >>> w.shape, w.dtype
+            (torch.Size([32, 64]), torch.float32)
+            >>> bool((w - linear.weight).abs().max() < 0.2 * linear.weight.abs().max())
+            True
+        """
         return dequantize_4bit(self.quantized())
 
     @torch.no_grad()
@@ -162,6 +221,16 @@ class Linear4bit(nn.Module):
 
         Checks shape and finiteness before anything changes (one host sync on CUDA; a layer is
         set rarely enough to afford it), so a bad weight leaves the layer as it was.
+
+        Examples:
+            >>> layer = Linear4bit(8, 4)
+            >>> layer.set_weight(torch.ones(4, 8))
+            >>> layer.dequantize_weight()[0]
+            tensor([1., 1., 1., 1., 1., 1., 1., 1.])
+            >>> layer.set_weight(torch.ones(8, 4))
+            Traceback (most recent call last):
+            ...
+            ValueError: weight must be [4, 8], got [8, 4]
         """
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(
@@ -183,7 +252,24 @@ class Linear4bit(nn.Module):
         self.weight_dtype = weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) -> (..., out) in x's dtype; the weight is decoded, used and dropped."""
+        """x (..., in) -> (..., out) in x's dtype; the weight is decoded, used and dropped.
+
+        Gradients flow to x (the weight is decoded again in backward), never to the frozen
+        weight or bias.
+
+        Examples:
+            >>> layer = Linear4bit(8, 4)
+            >>> layer.set_weight(torch.ones(4, 8))
+            >>> x = torch.ones(2, 3, 8, requires_grad=True)
+            >>> y = layer(x)
+            >>> y.shape, y[0, 0]
+            (torch.Size([2, 3, 4]), tensor([8., 8., 8., 8.], grad_fn=<SelectBackward0>))
+            >>> y.sum().backward()
+            >>> x.grad.shape, x.grad[0, 0, 0].item()  # dL/dx = dL/dy @ W: four ones
+            (torch.Size([2, 3, 8]), 4.0)
+            >>> layer(x.detach().bfloat16()).dtype
+            torch.bfloat16
+        """
         layout = (
             (self.out_features, self.in_features),
             self.weight_dtype,

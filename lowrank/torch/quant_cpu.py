@@ -15,6 +15,8 @@ tests/torch/test_quant_cpu.py checks that every kernel here is bit-identical to 
 in `lowrank.torch.quant` (codes, scales, packed bytes and dequantized values, across chunk
 seams). This file imports only the NumPy reference and the format's constants
 (`lowrank.torch.quantized`), never `lowrank.torch.quant`.
+
+Paper: Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs" (arXiv:2305.14314).
 """
 
 import math
@@ -31,6 +33,8 @@ from lowrank.numpy import quant as reference
 from lowrank.numpy import quantized as reference_quantized
 from lowrank.numpy.codebooks import code_for, dynamic_map
 from lowrank.torch.quantized import DOUBLE_QUANT_BLOCKSIZE, FLOAT32_MAX
+
+__all__ = ["dequantize", "quantize_blocks", "scale_limit"]
 
 _TINY = 1e-38  # stands in for an all-zero block's absmax when dividing (0 * 1e38 = 0)
 # Values per task, so that a task's temporaries (about 20 bytes per value when quantizing, 10
@@ -50,6 +54,22 @@ def quantize_blocks(
     float32 and bfloat16 x are read in place (bfloat16 is the top half of a float32: widening
     it is exact); other dtypes are rounded to float32 by torch first. Raises ValueError if x
     holds NaN or inf (or values beyond the float32 range).
+
+    Examples:
+        >>> x = torch.tensor([1.0, -1.0, 0.0, 0.5, 2.0])  # [5]: a block of 4, a short one
+        >>> quantize_blocks(x, 4, "nf4")
+        (tensor([15,  0,  7, 12, 15], dtype=torch.uint8), tensor([1., 2.]))
+        >>> quantize_blocks(x, 4, "nf4", pack=True)[0]  # 0xF0, 0x7C, 0xF7 (padded with 7)
+        tensor([240, 124, 247], dtype=torch.uint8)
+
+        They are the codes of the plain tensor path that CUDA runs.
+
+        >>> from lowrank.torch import quant
+        >>> w = torch.randn(512, generator=torch.Generator().manual_seed(0))
+        >>> codes, absmax = quantize_blocks(w, 64, "fp4")
+        >>> expected_codes, expected_absmax = quant._quantize_blocks(w, 64, "fp4")
+        >>> torch.equal(codes, expected_codes), torch.equal(absmax, expected_absmax)
+        (True, True)
     """
     if x.dtype not in (torch.float32, torch.bfloat16):
         x = x.float()  # float32 like bitsandbytes
@@ -119,16 +139,31 @@ def dequantize(
     """`code[c] * absmax[block]` in float32 from the fields of a CPU `quantized.Quantized4bit`,
     returned as `dtype`, shape `shape` (n elements).
 
-    packed:  uint8 [ceil(n / 2)], element 2j in the high nibble.
-    absmax:  float32 [n_blocks], or with `double_quant` uint8 [n_blocks] codes of the dynamic
-             map, decoded here with offset (float32 0-d) and absmax2 (float32
-             [ceil(n_blocks / 256)]) exactly as `Quantized4bit.absmax_float32()` does.
-
     Each scale is clamped to `scale_limit(dtype)`, as the tensor path does. Chunk by chunk on a
     few threads. float32 and bfloat16 results are written straight into the output; the
     bfloat16 rounding is done on the float32 bits (as torch's cast does). Other dtypes, and
     scales that are not finite (NaN, where torch's cast has its own bit patterns), are made in
     float32 and cast by torch. The fields are not checked here (`quant.dequantize_4bit` does).
+
+    Args:
+        packed: uint8 [ceil(n / 2)], element 2j in the high nibble.
+        absmax: float32 [n_blocks], or with `double_quant` uint8 [n_blocks] codes of the
+            dynamic map, decoded here with `offset` and `absmax2` exactly as
+            `Quantized4bit.absmax_float32()` does.
+        offset: float32 0-d (double quantization) or None.
+        absmax2: float32 [ceil(n_blocks / 256)] (double quantization) or None.
+        shape: the shape of the result.
+        dtype: the dtype of the result.
+        blocksize: elements per block.
+        quant_type: "nf4", "fp4" or "int4", the table the codes index.
+        double_quant: whether `absmax` holds 8-bit codes.
+
+    Examples:
+        >>> x = torch.tensor([1.0, -1.0, 0.0, 0.5, 2.0])
+        >>> packed, absmax = quantize_blocks(x, 4, "nf4", pack=True)
+        >>> dequantize(packed, absmax, None, None, shape=(5,), dtype=torch.float32,
+        ...            blocksize=4, quant_type="nf4", double_quant=False)
+        tensor([ 1.0000, -1.0000,  0.0000,  0.4407,  2.0000])
     """
     n = math.prod(shape)
     packed, scales = packed.contiguous(), _scales(absmax, offset, absmax2, double_quant)
@@ -183,7 +218,14 @@ def _scales(
 def scale_limit(dtype: torch.dtype) -> float:
     """The largest scale a decode into `dtype` may use: its largest finite value (float16:
     65504, bfloat16: 3.39e38), or float32's if that is smaller (decoding is float32
-    arithmetic). A level is at most 1 in magnitude, so level * scale then fits the dtype."""
+    arithmetic). A level is at most 1 in magnitude, so level * scale then fits the dtype.
+
+    Examples:
+        >>> scale_limit(torch.float16)
+        65504.0
+        >>> scale_limit(torch.float64) == scale_limit(torch.float32) == FLOAT32_MAX
+        True
+    """
     return min(torch.finfo(dtype).max, FLOAT32_MAX)
 
 

@@ -11,7 +11,14 @@ the bitsandbytes reader and writer (`bnb_format.py`): sizes, dtypes, devices and
 host-side metadata and always checked; the values (finite scales) only on CPU, so that decoding
 on CUDA still never waits for the device, and not while torch.compile traces (no graph break).
 
+Constants: `FLOAT_DTYPES`, the dtypes a quantized tensor may have had (float32, bfloat16,
+float16, float64); `FLOAT32_MAX`, the largest finite float32, where rebuilt scales are clamped;
+`DOUBLE_QUANT_BLOCKSIZE` (256), the scales per second-level block (from `lowrank.numpy`).
+
 This file imports the code tables and nothing from `quant.py`, which imports it.
+
+    q = quantize_4bit(w)  # lowrank.torch.quant: a Quantized4bit
+    check_quantized(q)    # silent when its fields describe one quantized tensor
 """
 
 import numbers
@@ -25,6 +32,14 @@ from lowrank.numpy import quantized as reference
 from lowrank.numpy.quantized import DOUBLE_QUANT_BLOCKSIZE
 from lowrank.torch.codebooks import _dynamic_map
 
+__all__ = [
+    "DOUBLE_QUANT_BLOCKSIZE",
+    "FLOAT32_MAX",
+    "FLOAT_DTYPES",
+    "Quantized4bit",
+    "check_quantized",
+]
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 FLOAT32_MAX = float(reference.FLOAT32_MAX)  # no decoded scale goes beyond it
 
@@ -36,10 +51,32 @@ _is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.i
 class Quantized4bit:
     """A 4-bit blockwise-quantized tensor (see `lowrank.numpy.quantized.Quantized4bit`).
 
-    packed:  uint8 [ceil(n / 2)], element 2j in the high nibble.
-    absmax:  float32 [n_blocks], or uint8 [n_blocks] codes of (absmax - offset) with double quant.
-    offset:  float32 0-d tensor (double quantization) or None.
-    absmax2: float32 [ceil(n_blocks / 256)] (double quantization) or None.
+    QLoRA's storage format (Dettmers et al. 2023, arXiv:2305.14314), bit-identical to
+    bitsandbytes': n = prod(shape) elements in blocks of `blocksize`, each block a scale and
+    one 4-bit code per element. Made by `lowrank.torch.quant.quantize_4bit`, decoded by
+    `dequantize_4bit`; frozen, with every tensor on `packed`'s device.
+
+    Attributes:
+        packed: uint8 [ceil(n / 2)], element 2j in the high nibble.
+        absmax: float32 [n_blocks], or uint8 [n_blocks] codes of (absmax - offset) with
+            double quantization.
+        offset: float32 0-d tensor (double quantization) or None.
+        absmax2: float32 [ceil(n_blocks / 256)] (double quantization) or None.
+        shape: the shape of the quantized tensor.
+        dtype: its dtype (one of FLOAT_DTYPES), which decoding returns.
+        blocksize: elements per block (64 in QLoRA).
+        quant_type: "nf4", "fp4" or "int4", the table the codes index.
+        double_quant: whether `absmax` holds 8-bit codes of the scales.
+
+    Examples:
+        >>> from lowrank.torch.quant import quantize_4bit
+        >>> torch.manual_seed(0)
+        <torch._C.Generator object at ...>
+        >>> q = quantize_4bit(torch.randn(64, 64))  # nf4, blocksize 64, double quantization
+        >>> q.packed.shape, q.absmax.dtype, q.absmax.shape, q.absmax2.shape
+        (torch.Size([2048]), torch.uint8, torch.Size([64]), torch.Size([1]))
+        >>> q.shape, q.dtype, q.device
+        ((64, 64), torch.float32, device(type='cpu'))
     """
 
     packed: torch.Tensor
@@ -55,7 +92,16 @@ class Quantized4bit:
     @property
     def nbytes(self) -> int:
         """Bytes that must be stored: codes, scales, and with double quantization their
-        scales and the float32 offset (code tables are constants)."""
+        scales and the float32 offset (code tables are constants).
+
+        Examples:
+            >>> from lowrank.torch.quant import quantize_4bit
+            >>> q = quantize_4bit(torch.ones(64, 64))
+            >>> q.nbytes  # 2048 codes + 64 scale codes + 1 float32 absmax2 + the offset
+            2120
+            >>> round(8 * q.nbytes / 4096, 3)  # bits per weight
+            4.141
+        """
         check_quantized(self, values=False)  # sizes only (also on the meta device)
         total = _nbytes(self.packed) + _nbytes(self.absmax)
         if self.double_quant:
@@ -64,16 +110,39 @@ class Quantized4bit:
 
     @property
     def device(self) -> torch.device:
+        """The device every tensor of this quantized tensor lies on (`packed`'s).
+
+        Examples:
+            >>> from lowrank.torch.quant import quantize_4bit
+            >>> quantize_4bit(torch.ones(8)).device
+            device(type='cpu')
+        """
         return self.packed.device
 
     def absmax_float32(self) -> torch.Tensor:
         """Block scales, float32 [n_blocks]; with double quantization
-        `dynamic_map()[code] * absmax2[j // 256] + offset`, clamped to +-float32 max."""
+        `dynamic_map()[code] * absmax2[j // 256] + offset`, clamped to +-float32 max.
+
+        Examples:
+            >>> from lowrank.torch.quant import quantize_4bit
+            >>> w = torch.arange(1.0, 129.0)  # two blocks of 64, absmax 64 and 128
+            >>> quantize_4bit(w, double_quant=False).absmax_float32()
+            tensor([ 64., 128.])
+            >>> scales = quantize_4bit(w).absmax_float32()  # rebuilt from 8-bit codes
+            >>> bool(torch.allclose(scales, torch.tensor([64.0, 128.0]), rtol=0.01))
+            True
+        """
         check_quantized(self)
         return _absmax_float32(self)
 
     def to(self, device: torch.device | str) -> "Quantized4bit":
-        """The same quantized tensor on `device`."""
+        """The same quantized tensor on `device` (every field moved, the rest kept).
+
+        Examples:
+            >>> from lowrank.torch.quant import quantize_4bit
+            >>> quantize_4bit(torch.ones(8)).to("meta").absmax.device
+            device(type='meta')
+        """
 
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
@@ -106,6 +175,16 @@ def check_quantized(q: Quantized4bit, *, values: bool = True) -> None:
     are not checked, so that `dequantize_4bit` adds no host sync and no graph break.
     Wrong types raise `ArgumentTypeError` (a TypeError and a ValueError), inconsistent values
     `ValueError`.
+
+    Examples:
+        >>> import dataclasses
+        >>> from lowrank.torch.quant import quantize_4bit
+        >>> q = quantize_4bit(torch.ones(4, 8))
+        >>> check_quantized(q)  # silent: a valid quantized tensor
+        >>> check_quantized(dataclasses.replace(q, packed=q.packed[:-1]))
+        Traceback (most recent call last):
+        ...
+        ValueError: Quantized4bit.packed must have shape [16] (ceil(n / 2) bytes ...), got [15]
     """
     if not isinstance(q, Quantized4bit):
         raise ArgumentTypeError(f"expected a Quantized4bit, got {type(q).__name__}")
