@@ -18,6 +18,7 @@ output captured when the site is built.
 """
 
 import argparse
+import textwrap
 import time
 
 import numpy as np
@@ -331,6 +332,8 @@ def main(args: argparse.Namespace) -> int:
         Claim: NF4 with double quantization costs 4.127 bits per weight; ...
         0
     """
-    for line in CLAIMS[args.name](args.smoke):
-        print(line)
+    for text in CLAIMS[args.name](args.smoke):
+        for line in text.split("\n"):  # long sentences wrap at 100 columns; table rows are short
+            indent = " " * (len(line) - len(line.lstrip()) + 2)
+            print(textwrap.fill(line, width=100, subsequent_indent=indent))
     return 0
