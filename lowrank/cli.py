@@ -131,20 +131,11 @@ def _job(module: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `lowrank` argument parser: one subcommand per job, every option with help and default.
+_METHODS_HELP = "full: every weight; lora: adapters; qlora: adapters on a 4-bit (NF4) base"
+_TARGETS_HELP = "comma-separated Hugging Face layer names, or all-linear (default: "
 
-    Examples:
-        >>> args = build_parser().parse_args(["estimate", "config.json", "--batch-size", "4"])
-        >>> args.command, args.method, args.batch_size, args.seq_len
-        ('estimate', 'qlora', 4, 512)
-    """
-    parser = _Parser(prog=PROG, description=__doc__)
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    methods_help = "full: every weight; lora: adapters; qlora: adapters on a 4-bit (NF4) base"
-    targets = "comma-separated Hugging Face layer names, or all-linear (default: "
 
+def _add_numpy_demo(commands) -> None:
     numpy_demo = commands.add_parser(
         "numpy-demo",
         help="NumPy only: adapt a tiny pre-trained MLP to a shifted task, full fine-tuning vs LoRA",
@@ -152,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     numpy_demo.add_argument("--seed", type=_non_negative_int, default=0, help="random seed")
     numpy_demo.set_defaults(run=_job("numpy_demo"))
 
+
+def _add_demo(commands) -> None:
     demo = commands.add_parser(
         "demo",
         help="fine-tune all-MiniLM-L6-v2 on VADER words: head only, full, LoRA, QLoRA; verify",
@@ -160,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=_output_folder, default="lowrank-report", help="report folder")
     demo.set_defaults(run=_job("demo"))
 
+
+def _add_finetune(commands) -> None:
     finetune = commands.add_parser(
         "finetune", help="fine-tune a Hugging Face model on your JSONL data (full, LoRA, QLoRA)"
     )
@@ -167,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument(
         "data", help='JSONL: {"text"}, {"prompt", "completion"} or {"text", "label"} per line'
     )
-    finetune.add_argument("--method", choices=METHODS, default="lora", help=methods_help)
+    finetune.add_argument("--method", choices=METHODS, default="lora", help=_METHODS_HELP)
     finetune.add_argument("--r", type=_positive_int, default=8, help="LoRA rank")
     finetune.add_argument(
         "--alpha", type=_positive_number, default=16.0, help="LoRA alpha (scale = alpha / r)"
@@ -175,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument(
         "--targets",
         type=_layer_names,
-        help=targets + "the query and value projections for lora, all-linear for qlora)",
+        help=_TARGETS_HELP + "the query and value projections for lora, all-linear for qlora)",
     )
     finetune.add_argument("--epochs", type=_positive_int, default=1, help="passes over the data")
     finetune.add_argument("--batch-size", type=_positive_int, default=8, help="examples per step")
@@ -189,16 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     finetune.set_defaults(run=_job("finetune"))
 
+
+def _add_estimate(commands) -> None:
     estimate = commands.add_parser(
         "estimate", help="training memory from a Hugging Face config.json alone (no weights)"
     )
     estimate.add_argument("config", help="config.json or a model folder")
-    estimate.add_argument("--method", choices=METHODS, default="qlora", help=methods_help)
+    estimate.add_argument("--method", choices=METHODS, default="qlora", help=_METHODS_HELP)
     estimate.add_argument("--batch-size", type=_positive_int, default=1, help="sequences per step")
     estimate.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per sequence")
     estimate.add_argument("--r", type=_positive_int, default=8, help="LoRA rank")
     estimate.add_argument(
-        "--targets", type=_layer_names, help=targets + "the query and value projections)"
+        "--targets", type=_layer_names, help=_TARGETS_HELP + "the query and value projections)"
     )
     estimate.add_argument(
         "--dtype",
@@ -213,16 +210,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     estimate.set_defaults(run=_job("estimate"))
 
+
+def _add_claims(commands) -> None:
+    from lowrank.commands.claims import CLAIMS  # framework-free: no torch at parse time
+
     claims = commands.add_parser(
         "claims", help="one number of the LoRA or QLoRA papers, and what lowrank measures for it"
     )
-    from lowrank.commands.claims import CLAIMS  # framework-free: no torch at parse time
-
     claims.add_argument("name", choices=list(CLAIMS), help="which claim (docs: Claims, checked)")
     claims.add_argument(
         "--smoke", action="store_true", help="small sizes, seconds (two-tasks, latency, nf4, bits)"
     )
     claims.set_defaults(run=_job("claims"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `lowrank` argument parser: one subcommand per job, every option with help and default.
+
+    Examples:
+        >>> args = build_parser().parse_args(["estimate", "config.json", "--batch-size", "4"])
+        >>> args.command, args.method, args.batch_size, args.seq_len
+        ('estimate', 'qlora', 4, 512)
+    """
+    parser = _Parser(prog=PROG, description=__doc__)
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_numpy_demo, _add_demo, _add_finetune, _add_estimate, _add_claims):
+        add(commands)
     return parser
 
 
