@@ -17,6 +17,9 @@ similarity); Dettmers et al. 2023, QLoRA (arXiv:2305.14314), NF4 levels and memo
 
 The examples in this reference draw off screen (matplotlib's Agg backend, as the tests run
 them) and show what was drawn: a title, a number of lines.
+
+(About 520 lines, most of them docstrings and examples: one short function per kind of plot,
+kept together so that every notebook and the demo draw alike.)
 """
 
 import os
@@ -30,6 +33,7 @@ __all__ = [
     "explore",
     "plot_bars",
     "plot_curves",
+    "plot_dots",
     "plot_energy",
     "plot_heatmap",
     "plot_levels",
@@ -71,7 +75,8 @@ def explore(
 
     Each keyword is a parameter name with the list of values the slider offers, e.g.
     `explore(draw, r=[1, 2, 4, 8, 16], log=[True, False])`; the first value is the default.
-    With a widget front end: one selection slider per parameter, redrawn on change.
+    With a widget front end: one selection slider per parameter, redrawn on change, its label
+    as wide as the parameter's name needs (ipywidgets' fixed label width cuts "model_name").
     Without one: the first parameter is shown at up to `static_values` values spread over its
     list (first and last included), the others at their defaults, one panel each.
 
@@ -107,7 +112,10 @@ def explore(
 
         sliders = {  # (label, value) pairs: a bare 2-tuple value would be read as such a pair
             name: ipywidgets.SelectionSlider(
-                options=[(_label(v), v) for v in values], value=values[0], description=name
+                options=[(_label(v), v) for v in values],
+                value=values[0],
+                description=name,
+                style={"description_width": "initial"},  # the whole name, never cut off
             )
             for name, values in choices.items()
         }
@@ -190,12 +198,15 @@ def plot_energy(
     ax: Axes | None = None,
     max_rank: int | None = None,
     mark: float | None = 0.9,
+    baselines: Mapping[str, np.ndarray] | None = None,
     title: str = "energy in the top-r directions",
 ) -> Axes:
     """Cumulative share of the squared Frobenius norm held by the top-r singular values.
 
     One line per spectrum (label -> 1-D singular values), cut at `max_rank` if given, and a
-    dotted line at the share `mark` (None for none).
+    dotted line at the share `mark` (None for none). `baselines` (label -> singular values)
+    are drawn the same way but dashed and grey, as the scale the spectra are read against
+    (e.g. a random matrix of the same shape, which spreads its energy over every direction).
 
     Examples:
         >>> import matplotlib.pyplot as plt
@@ -204,17 +215,24 @@ def plot_energy(
         >>> ax = plot_energy({"update": np.array([3.0, 1.0, 0.5])}, mark=0.9)
         >>> ax.get_title(), len(ax.lines)  # the spectrum and the 90% mark
         ('energy in the top-r directions', 2)
-        >>> plt.close(ax.figure)
+        >>> ax = plot_energy({"update": [3.0, 1.0, 0.5]}, baselines={"random": [1.2, 1.0, 0.9]})
+        >>> [line.get_linestyle() for line in ax.lines]  # update, random, 90% mark
+        ['-', '--', ':']
+        >>> plt.close("all")
     """
     ax = _axes(ax)
-    for label, s in spectra.items():
-        s2 = np.sort(np.asarray(s, dtype=np.float64))[::-1] ** 2
-        share = np.cumsum(s2) / s2.sum()
-        if max_rank is not None:
-            share = share[:max_rank]
-        ax.plot(np.arange(1, len(share) + 1), share, label=label)
+    styles = {"": {}, "baseline": {"color": "grey", "linestyle": "--"}}
+    for kind, curves in (("", spectra), ("baseline", baselines or {})):
+        for label, s in curves.items():
+            s2 = np.sort(np.asarray(s, dtype=np.float64))[::-1] ** 2
+            share = np.cumsum(s2) / s2.sum()
+            if max_rank is not None:
+                share = share[:max_rank]
+            ax.plot(np.arange(1, len(share) + 1), share, label=label, **styles[kind])
     if mark is not None:
-        ax.axhline(mark, color="grey", linestyle=":", linewidth=1)
+        ax.axhline(
+            mark, color="grey", linestyle=":", linewidth=1, label=f"{mark:.0%} of the energy"
+        )
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("rank r")
     ax.set_ylabel("share of ||M||_F^2")
@@ -431,4 +449,74 @@ def plot_bars(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.tick_params(axis="x", labelrotation=20)
+    return ax
+
+
+def plot_dots(
+    values: Mapping[str, float],
+    *,
+    ax: Axes | None = None,
+    spread: Mapping[str, tuple[float, float]] | None = None,
+    band: tuple[float, float, str] | None = None,
+    xlabel: str = "",
+    title: str = "",
+    fmt: str = "{:,.3g}",
+) -> Axes:
+    """One dot per label, top to bottom, on a horizontal axis zoomed to the values.
+
+    For numbers that differ little (accuracies of 0.91-0.95): a bar's length would mislead on
+    an axis that does not start at 0, a dot's position does not, so the axis can show the
+    differences. Each value is written beside its dot (with `fmt`). `spread` (label ->
+    (low, high)) draws a line through a dot, e.g. the interquartile range of repeated timings;
+    `band` = (low, high, text) shades a span named `text` in the legend, e.g. the margin a
+    verdict allows.
+
+    Examples:
+        >>> import matplotlib.pyplot as plt
+        >>> from lowrank.viz import plot_dots
+        >>> ax = plot_dots({"full": 0.954, "LoRA r=8": 0.945, "head only": 0.912},
+        ...                band=(0.944, 0.954, "within 1 point of full"), fmt="{:.3f}")
+        >>> [text.get_text() for text in ax.texts], [t.get_text() for t in ax.get_yticklabels()]
+        (['0.954', '0.945', '0.912'], ['full', 'LoRA r=8', 'head only'])
+        >>> round(float(ax.get_xlim()[0]), 4)  # zoomed: 0.912 less a tenth of the range, not 0
+        0.9078
+        >>> plt.close(ax.figure)
+    """
+    ax = _axes(ax)
+    labels, numbers = list(values), [float(v) for v in values.values()]
+    spread = dict(spread or {})
+    unknown = sorted(set(spread) - set(labels))
+    if unknown:
+        raise ValueError(f"spread names labels that have no value: {unknown}")
+    rows = -np.arange(len(labels))  # the first label on top
+    if band is not None:
+        ax.axvspan(band[0], band[1], color="tab:green", alpha=0.15, label=band[2])
+    for row, label in zip(rows, labels, strict=True):
+        if label in spread:
+            ax.plot(spread[label], [row, row], color="tab:blue", linewidth=2, alpha=0.5)
+    ax.plot(numbers, rows, "o", color="tab:blue")
+    ends = [
+        max([number, *spread.get(label, ())]) for label, number in zip(labels, numbers, strict=True)
+    ]
+    for row, number, end in zip(rows, numbers, ends, strict=True):
+        ax.annotate(
+            fmt.format(number),
+            (end, row),
+            xytext=(6, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize="small",
+        )
+    drawn = numbers + [x for pair in spread.values() for x in pair]
+    drawn += [] if band is None else [band[0], band[1]]
+    low, high = float(min(drawn)), float(max(drawn))
+    width = (high - low) or (abs(high) or 1.0) * 0.1
+    ax.set_xlim(low - 0.1 * width, high + 0.3 * width)  # room on the right for the values
+    ax.set_yticks(rows, labels)
+    ax.set_ylim(rows[-1] - 0.6, 0.6)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    if band is not None:  # below the axes, where it covers no dot
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2))
     return ax

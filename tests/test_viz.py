@@ -145,3 +145,38 @@ def test_explore_with_widgets_builds_one_slider_per_parameter(monkeypatch):
     assert captured["targets"]._options_values == tuple(targets)
     assert captured["targets"]._options_labels == ("q/v", "q/k/v/o")
     assert drawn == [(2, ("q", "v"))]  # first values are the defaults
+
+
+def test_explore_sliders_show_their_whole_name(monkeypatch):
+    import ipywidgets
+
+    captured = {}
+    monkeypatch.setattr(viz, "widgets_available", lambda: True)
+    monkeypatch.setattr(ipywidgets, "interact", lambda draw, **sliders: captured.update(sliders))
+    viz.explore(lambda ax, model_name: None, model_name=["LLaMA 65B", "GPT-3 175B"])
+    # ipywidgets' default label width is fixed and cuts long names; "initial" sizes it to fit
+    assert captured["model_name"].style.description_width == "initial"
+
+
+def test_plot_dots_zooms_to_the_values_and_draws_band_and_spread():
+    values = {"full": 0.95, "LoRA r=8": 0.94, "head only": 0.91}
+    ax = viz.plot_dots(values, spread={"LoRA r=8": (0.93, 0.945)}, band=(0.94, 0.95, "margin"))
+    dots = next(line for line in ax.lines if line.get_marker() == "o")
+    np.testing.assert_array_equal(dots.get_xdata(), [0.95, 0.94, 0.91])
+    assert list(dots.get_ydata()) == [0, -1, -2]  # first label on top
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(values)
+    low, high = ax.get_xlim()
+    assert 0.9 < low < 0.91 and 0.95 < high < 0.97  # zoomed, not from 0
+    spread = next(line for line in ax.lines if line.get_marker() != "o")
+    np.testing.assert_array_equal(spread.get_xdata(), [0.93, 0.945])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["margin"]
+    with pytest.raises(ValueError, match="no value"):
+        viz.plot_dots(values, spread={"QLoRA": (0.9, 0.92)})
+
+
+def test_plot_energy_baselines_are_dashed_and_the_same_cumulative_share():
+    ax = viz.plot_energy({"update": [3.0, 1.0]}, baselines={"random": [1.0, 1.0]}, mark=None)
+    update, random = ax.lines
+    assert random.get_linestyle() == "--" and update.get_linestyle() == "-"
+    np.testing.assert_allclose(random.get_ydata(), [0.5, 1.0])  # 1 / 2, then all
+    np.testing.assert_allclose(update.get_ydata(), [0.9, 1.0])  # 9 / 10

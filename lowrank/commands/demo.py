@@ -20,9 +20,13 @@ reports the test accuracy, trainable parameters and their share, the size of wha
 saved, peak memory and wall time, and then checks:
 
 1. the intrinsic-rank claim: how many singular directions hold 90% of the energy of the full
-   fine-tuning update Delta W = W_after - W_before of a few attention matrices;
+   fine-tuning update Delta W = W_after - W_before of a few attention matrices, and how often
+   the model still predicts what the fully fine-tuned one predicts when every linear layer's
+   update is cut to its top r directions (energy spread over many directions need not be
+   behaviour spread over them);
 2. merging: merged and unmerged LoRA outputs agree, and the merged model runs as fast as the
-   base model (the LoRA paper's "no additional inference latency");
+   base model (the LoRA paper's "no additional inference latency"), with "no measurable
+   difference" when the times differ by less than their run-to-run spread;
 3. the saved adapter, loaded into a fresh copy of the pretrained model, reproduces the metric;
 4. the library's headline check: `lowrank.numpy` and `lowrank.torch` train the same tiny LoRA
    MLP for 50 AdamW steps in float64 and agree at every step.
@@ -32,16 +36,24 @@ CPU there are no allocator statistics, so "peak" is the bytes of the model's wei
 from its tensors) plus the rise of the process's peak resident memory while training (Linux
 /proc; includes allocator slack).
 
-The report folder (`demo_report`) gets report.json, summary.md and PNG plots; `main` prints
+While it runs, it says on stderr where it is: each method as it starts and ends ("3/6 LoRA
+r=4"), under it the training bar of `lowrank.torch.train`, then each check as it starts. The
+report folder (`demo_report`) gets report.json, summary.md and PNG plots; `main` prints
 the summary and where the folder is. The model, the word task and the NumPy-vs-torch check
 come from the library: `lowrank.torch.hf` and `lowrank.torch.agreement`.
 
     report = run_demo(DemoConfig.smoke(), out_dir="lowrank-report")  # `lowrank demo --smoke`
+
+(About 400 lines: the run reads top to bottom as one story, each method and check in the order
+the summary reports them; the checks themselves are `demo_checks`, the report `demo_report` and
+`demo_plots`.)
 """
 
 import argparse
 import copy
+import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -72,7 +84,7 @@ from lowrank.torch.agreement import numpy_torch_agreement
 from lowrank.torch.measure import PeakMemory
 from lowrank.torch.train import default_device
 
-from .demo_checks import merge_check, update_ranks
+from .demo_checks import merge_check, rank_r_agreement, update_ranks
 from .demo_report import format_summary, write_report
 
 __all__ = ["DemoConfig", "main", "run_demo"]
@@ -84,7 +96,8 @@ class DemoConfig:
 
     Every method gets the same epochs, batch size and seed; the learning rates differ by what
     trains (head only, every weight, or LoRA adapters with the head). LoRA's alpha stays fixed
-    while r varies, so the scale is alpha / r (Hu et al. 2021, arXiv:2106.09685).
+    while r varies, so the scale is alpha / r (Hu et al. 2021, arXiv:2106.09685). The full
+    fine-tuning update is cut to each of `truncation_ranks` (0: no update) in check 1.
 
     Examples:
         >>> config = DemoConfig()
@@ -106,7 +119,8 @@ class DemoConfig:
     qlora_rank: int = 8
     lora_targets: tuple[str, ...] = ("query", "value")
     seed: int = 0
-    timing_repeats: int = 9  # forward passes per model in the merged-vs-base timing
+    truncation_ranks: tuple[int, ...] = (0, 1, 4, 8)  # check 1: the update cut to rank r
+    timing_repeats: int = 15  # interleaved rounds of the merged-vs-base timing (at least 5)
 
     @classmethod
     def smoke(cls) -> "DemoConfig":
@@ -117,7 +131,19 @@ class DemoConfig:
             >>> smoke.n_train, smoke.n_test, smoke.epochs, smoke.batch_size
             (32, 32, 1, 16)
         """
-        return cls(n_train=32, n_test=32, epochs=1, batch_size=16, timing_repeats=1)
+        return cls(
+            n_train=32,
+            n_test=32,
+            epochs=1,
+            batch_size=16,
+            truncation_ranks=(0, 1),
+            timing_repeats=9,
+        )
+
+
+def _say(text: str) -> None:
+    """One line of progress on stderr (where the training bars go; stdout is the summary)."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def _tensor_bytes(model: nn.Module) -> int:
@@ -226,6 +252,7 @@ def _run_demo(config: DemoConfig, device: torch.device, out_dir: Path) -> dict:
     torch.manual_seed(config.seed)
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
+    _say(f"lowrank demo on {device}: loading all-MiniLM-L6-v2 and the VADER words")
 
     data = vader_word_sentiment(n_train=config.n_train, n_test=config.n_test, seed=config.seed)
     tokenizer = load_tokenizer(minilm_path())
@@ -245,9 +272,16 @@ def _run_demo(config: DemoConfig, device: torch.device, out_dir: Path) -> dict:
             model.head.load_state_dict(head.state_dict())
         return model
 
+    n_methods = 3 + len(config.ranks)  # head only, full, each LoRA rank, QLoRA
+    steps = config.epochs * math.ceil(len(train_examples) / config.batch_size)
+
     def run(name: str, targets: str, model: MeanPoolClassifier, lr: float) -> dict:
+        where = f"{len(rows) + 1}/{n_methods} {name}"
+        _say(f"{where}: training {targets}, {steps} steps")
         examples = (train_examples, test_examples)
-        return _run_method(name, targets, model, lr, examples, config, device)
+        row = _run_method(name, targets, model, lr, examples, config, device)
+        _say(f"{where}: done in {row['wall_time_s']:.1f} s, test accuracy {row['accuracy']:.3f}")
+        return row
 
     rows = []
     # 1. head only: the linear probe every other method starts from
@@ -275,22 +309,33 @@ def _run_demo(config: DemoConfig, device: torch.device, out_dir: Path) -> dict:
         rows.append(run(name, described, model, config.lora_lr))
         lora_models[name] = model
 
-    # Verification 1: the rank of the full fine-tuning update
+    # Verification 1: the rank of the full fine-tuning update, and whether the model cares
     layers = [
         f"encoder.encoder.layer.{i}.attention.self.{m}.weight"
         for i in (0, 5)
         for m in ("query", "value")
     ]
-    rank_report = update_ranks(fresh_model(head), full, layers)
+    _say(f"check 1/4: energy rank of the full fine-tuning update ({len(layers)} matrices)")
+    before = fresh_model(head)
+    rank_report = update_ranks(before, full, layers)
+    linear_layers = [f"encoder.{name}" for name in all_linear_targets(full.encoder)]
+    truncation_ranks = ", ".join(str(r) for r in config.truncation_ranks)
+    _say(f"check 1/4: every linear layer's update cut to rank r = {truncation_ranks}")
+    agreement = rank_r_agreement(
+        before, full, linear_layers, test_examples, device, config.truncation_ranks
+    )
+    del before
 
     # Verification 2: merging
     best_lora_name = f"LoRA r={max(config.ranks)}"
     best_lora = lora_models[best_lora_name]
+    _say(f"check 2/4: merging {best_lora_name}: outputs, and {config.timing_repeats} timed rounds")
     merge = merge_check(best_lora, fresh_model(head), test_examples, device, config.timing_repeats)
 
     # Verification 3: the saved adapter reloads and reproduces the metric (saved aside first:
     # write_report puts it into out_dir/adapter with the report, the folder changing as a unit)
     adapter_dir = out_dir / "adapter"
+    _say(f"check 3/4: {best_lora_name}'s adapter saved and reloaded into a fresh model")
     staging = tempfile.TemporaryDirectory(prefix="lowrank-adapter-")
     save_trainable(best_lora, staging.name)
     reloaded = load_trainable(fresh_model(None), staging.name).to(device)
@@ -299,8 +344,9 @@ def _run_demo(config: DemoConfig, device: torch.device, out_dir: Path) -> dict:
 
     # Verification 4: NumPy and torch agree end to end (the report keeps the largest difference
     # of the final adapters, not the adapters themselves)
-    agreement = numpy_torch_agreement(steps=50, seed=config.seed)
-    del agreement["adapters"]
+    _say("check 4/4: NumPy and PyTorch train the same LoRA MLP, 50 AdamW steps in float64")
+    numpy_vs_torch = numpy_torch_agreement(steps=50, seed=config.seed)
+    del numpy_vs_torch["adapters"]
 
     full_accuracy = rows[1]["accuracy"]
     lora_rows = [row for row in rows if row["method"].startswith("LoRA")]
@@ -317,6 +363,7 @@ def _run_demo(config: DemoConfig, device: torch.device, out_dir: Path) -> dict:
         "best_lora": best_row["method"],
         "full_minus_best_lora_points": gap_points,
         "update_ranks": rank_report,
+        "rank_r_agreement": agreement,
         "merge": merge,
         "adapter_reload": {
             "folder": str(adapter_dir),
@@ -324,9 +371,10 @@ def _run_demo(config: DemoConfig, device: torch.device, out_dir: Path) -> dict:
             "reloaded_accuracy": reloaded_accuracy,
             "identical": reloaded_accuracy == trained_accuracy,
         },
-        "numpy_vs_torch": agreement,
+        "numpy_vs_torch": numpy_vs_torch,
         "total_time_s": time.perf_counter() - started,
     }
+    _say(f"writing the report to {out_dir}")
     try:
         write_report(report, out_dir, adapter=Path(staging.name))
     finally:

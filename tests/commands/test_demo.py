@@ -17,8 +17,24 @@ from lowrank.commands.demo import _peak_bytes
 def test_smoke_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["demo", "--smoke", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert str(out) in printed and "within 1 point of full fine-tuning" in printed
+    assert "How both hold: 90% of the energy needs" in printed  # energy vs behaviour, one line
+    # progress on stderr, apart from the summary: each method named as it starts and ends,
+    # each check announced as it runs
+    progress = [line for line in captured.err.splitlines() if line[:1].isdigit()]
+    progress += [line for line in captured.err.splitlines() if line.startswith("check ")]
+    assert "3/6 LoRA r=1: training query,value, 2 steps" in progress
+    assert any(line.startswith("6/6 QLoRA r=8: done in ") for line in progress)
+    assert [line[:9] for line in progress if line.startswith("check ")] == [
+        "check 1/4",
+        "check 1/4",
+        "check 2/4",
+        "check 3/4",
+        "check 4/4",
+    ]
+    assert "check " not in printed and "1/6 head only" not in printed
     for name in ("report.json", "summary.md", "accuracy.png", "loss_curves.png"):
         assert (out / name).stat().st_size > 0
     for name in ("accuracy.png", "trainable_params.png", "loss_curves.png", "update_energy.png"):
@@ -50,8 +66,22 @@ def test_smoke_demo_end_to_end(tmp_path, capsys):
     # an adapter file is far smaller than the full model's
     assert rows["LoRA r=8"]["saved_bytes"] * 100 < rows["full fine-tuning"]["saved_bytes"]
 
+    # every linear layer of MiniLM's 6 blocks (q, k, v, attention output, up, down) is cut
+    cut = report["rank_r_agreement"]
+    assert cut["layers"] == 6 * 6 and cut["ranks"] == [0, 1]
+    assert all(0.0 <= share <= 1.0 for share in cut["agreement"] + cut["accuracy"])
+
     merge = report["merge"]
     assert merge["max_abs_logit_diff"] <= 1e-4 * max(1.0, merge["max_abs_logit"])  # float32
+    assert {name: len(s) for name, s in merge["forward_s"].items()} == {
+        "base": 9,
+        "merged": 9,
+        "unmerged": 9,
+    }
+    for name in ("merged", "unmerged"):
+        verdict = merge["timing"][name]["verdict"]
+        assert verdict in printed
+        assert verdict == "no measurable difference" or verdict.startswith("measurably")
     assert report["adapter_reload"]["identical"]
     agreement = report["numpy_vs_torch"]
     assert agreement["max_relative_loss_diff"] <= 1e-9
