@@ -247,6 +247,8 @@ def _latency(smoke: bool) -> list[str]:
     from lowrank.torch import add_lora, collate_token_ids, lora_layers, merge_lora, unmerge_lora
     from lowrank.torch.hf import load_model, load_tokenizer, minilm_path, tokenize_examples
 
+    from .demo_checks import compare_timings
+
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: other processes on the cores hit all models alike
@@ -284,16 +286,16 @@ def _latency(smoke: bool) -> list[str]:
         seconds["unmerged"].append(time.perf_counter() - start)
         merge_lora(adapted)
     torch.set_num_threads(threads)
-    median = {name: float(np.median(values)) for name, values in seconds.items()}
+    timing = compare_timings(seconds, reference="base")  # IQR overlap: "no measurable difference"
     difference = (merged_out - unmerged_out).abs().max().item()
     return [
         'Claim: "no additional inference latency" once B A is merged into W (LoRA paper, '
         "section 4.1). MiniLM, r=8 on query and value, a batch of 64 words:",
         f"FLOPs (FlopCounterMode): base {base_flops:,}, merged {merged_flops:,}, "
         f"unmerged {unmerged_flops:,} (+{unmerged_flops / base_flops - 1:.2%})",
-        f"Forward time, medians of {len(seconds['base'])} interleaved runs: merged / base "
-        f"{median['merged'] / median['base']:.2f}, unmerged / base "
-        f"{median['unmerged'] / median['base']:.2f}",
+        f"Forward time against the base, {len(seconds['base'])} interleaved runs each: merged "
+        f"{timing['merged']['ratio']:.2f}x ({timing['merged']['verdict']}), unmerged "
+        f"{timing['unmerged']['ratio']:.2f}x ({timing['unmerged']['verdict']})",
         f"Merged vs unmerged outputs: max |difference| {difference:.1e}",
         _verdict(
             ("holds" if merged_flops == base_flops else "does NOT hold")
