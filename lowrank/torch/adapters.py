@@ -9,6 +9,9 @@ adds adapters; this file manages them (the PEFT file format is in `peft_format.p
 - `combine_adapters`: a new adapter from a weighted mix of others, by one of `COMBINATIONS`
   ("linear", "cat", "svd");
 - `check_known`, `check_unmerged`: the guards these functions (and the PEFT loader) share.
+
+An adapter's copies of the modules it trains in full (`modules_to_save.py`, PEFT's
+modules_to_save) switch, disable and go with its LoRA factors.
 """
 
 import math
@@ -23,6 +26,7 @@ from torch import nn
 from lowrank._validate import ArgumentTypeError, RankWarning, check_adapter_name
 from lowrank.torch.lora import LoRALayer
 from lowrank.torch.model import lora_layers, mark_only_lora_trainable, replace_module
+from lowrank.torch.modules_to_save import saved_modules
 
 __all__ = [
     "COMBINATIONS",
@@ -97,8 +101,8 @@ def check_unmerged(model: nn.Module, action: str) -> None:
 
 
 def set_active_adapter(model: nn.Module, name: str) -> None:
-    """Make adapter `name` the one every LoRA layer adds (layers without it add nothing);
-    only its A and B require grad afterwards.
+    """Make adapter `name` the one every LoRA layer adds (layers without it add nothing) and
+    whose copies of `modules_to_save` run; only its A and B (and copies) require grad after.
 
     Examples:
         >>> from collections import OrderedDict
@@ -118,6 +122,8 @@ def set_active_adapter(model: nn.Module, name: str) -> None:
     check_unmerged(model, "switch adapters")
     for _, layer in lora_layers(model):
         layer.active_adapter = name
+    for _, wrapper in saved_modules(model):
+        wrapper.active_adapter = name
     mark_only_lora_trainable(model)
 
 
@@ -125,9 +131,10 @@ def set_active_adapter(model: nn.Module, name: str) -> None:
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """`with disable_adapters(model):` runs the bare base model (e.g. a reference output).
 
-    Inside the block no adapter adds anything and none is trainable (as in PEFT: a step taken
-    there must not move an adapter that did not take part); on leaving, every flag and every
-    requires_grad is restored, also after an exception.
+    Inside the block no adapter adds anything, modules trained in full run their originals
+    (`modules_to_save`), and none is trainable (as in PEFT: a step taken there must not move
+    an adapter that did not take part); on leaving, every flag and every requires_grad is
+    restored, also after an exception.
 
     Examples:
         >>> from collections import OrderedDict
@@ -146,8 +153,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         (False, True)
     """
     check_unmerged(model, "disable adapters")
-    layers = [layer for _, layer in lora_layers(model)]
-    factors = [p for layer in layers for p in (*layer.A.values(), *layer.B.values())]
+    layers = [*(layer for _, layer in lora_layers(model)), *(w for _, w in saved_modules(model))]
+    factors = [p for layer in layers for p in _adapter_parameters(layer)]
     trainable = [p.requires_grad for p in factors]
     for layer in layers:
         layer.disabled = True
@@ -192,6 +199,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             layer.active_adapter = None
         if not layer.A:
             replace_module(model, layer_name, layer.base_layer)
+    for module_name, wrapper in list(saved_modules(model)):
+        if name in wrapper.modules_to_save:
+            wrapper.delete_adapter(name)
+        if wrapper.active_adapter == name:
+            wrapper.active_adapter = None
+        if not wrapper.modules_to_save:
+            replace_module(model, module_name, wrapper.original_module)
 
 
 def combine_adapters(
@@ -230,6 +244,8 @@ def combine_adapters(
 
     Every layer's factors are computed and checked (finite) before any layer changes; if
     adding them fails anyway, the new adapter is removed again: the model is as it was.
+    Adapters that train modules in full (`modules_to_save`: a head each) are refused: a mix
+    of their factors has no head to go with it.
 
     Examples:
         >>> from collections import OrderedDict
@@ -266,6 +282,12 @@ def combine_adapters(
         check_known(model, name)
     if new_name in list_adapters(model):
         raise ValueError(f"the model already has an adapter named {new_name!r}")
+    for module_name, wrapper in saved_modules(model):
+        if any(n in wrapper.modules_to_save for n in names):
+            raise ValueError(
+                f"adapters {names} train {module_name!r} in full (modules_to_save); a "
+                "combination of their factors has no such module to go with it"
+            )
     if combination == "linear" and any(w < 0 for w in weights):
         raise ValueError(f"'linear' takes square roots of the weights; got {weights}")
     if combination == "svd" and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
@@ -296,6 +318,13 @@ def combine_adapters(
             layer.delete_adapter(new_name)
         raise
     mark_only_lora_trainable(model)
+
+
+def _adapter_parameters(layer: nn.Module) -> list[nn.Parameter]:
+    """Every adapter's parameters in a LoRA layer (A, B) or a modules_to_save wrapper."""
+    if isinstance(layer, LoRALayer):
+        return [*layer.A.values(), *layer.B.values()]
+    return list(layer.modules_to_save.parameters())
 
 
 def _combine(

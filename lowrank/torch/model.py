@@ -16,7 +16,8 @@ match the whole qualified name.
     add_lora(model, ["q_proj", "v_proj"], r=8, alpha=16)   # every q_proj and v_proj
     merge_lora(model)                                       # W <- W + scale * B @ A
 
-(About 370 lines: selecting, wrapping, merging and counting one model read best together.)
+(About 600 lines, half of them docstrings and examples: selecting, wrapping, merging and
+counting one model read best together; the modules trained in full are `modules_to_save.py`.)
 """
 
 import copy
@@ -29,6 +30,13 @@ from torch import nn
 from lowrank import _patterns
 from lowrank._validate import check_adapter, check_adapter_name, check_quant_type
 from lowrank.torch.lora import LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear
+from lowrank.torch.modules_to_save import (
+    ModulesToSaveWrapper,
+    install_copies,
+    saved_modules,
+    select_modules,
+    stage_copies,
+)
 from lowrank.torch.qlora import Linear4bit
 
 __all__ = [
@@ -157,7 +165,9 @@ def candidate_names(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if inside and name.startswith(inside):
             continue  # a wrapper's own base_layer and dropout, or a Linear4bit's parts
-        if name and (isinstance(module, LoRALayer) or wrapper_for(module) is not None):
+        if isinstance(module, ModulesToSaveWrapper):
+            inside = name + "."  # a module trained in full (modules_to_save): no LoRA inside
+        elif name and (isinstance(module, LoRALayer) or wrapper_for(module) is not None):
             names.append(name)
             inside = name + "."
     return names
@@ -273,7 +283,8 @@ def active_adapter(model: nn.Module) -> str | None:
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:
-    """Freeze every parameter except the active adapter's A and B in each LoRA layer.
+    """Freeze every parameter except the active adapter's A and B in each LoRA layer and its
+    copies of the modules it trains in full (`modules_to_save`).
 
     Examples:
         >>> from collections import OrderedDict
@@ -293,6 +304,9 @@ def mark_only_lora_trainable(model: nn.Module) -> None:
         if layer.active_adapter in layer.A:
             layer.A[layer.active_adapter].requires_grad_(True)
             layer.B[layer.active_adapter].requires_grad_(True)
+    for _, wrapper in saved_modules(model):
+        if wrapper.active_adapter in wrapper.modules_to_save:
+            wrapper.modules_to_save[wrapper.active_adapter].requires_grad_(True)
 
 
 def add_lora(
@@ -308,6 +322,7 @@ def add_lora(
     init: str = "kaiming",
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, float] | None = None,
+    modules_to_save: list[str] | None = None,
 ) -> nn.Module:
     """Add LoRA adapter `adapter_name` to every layer of `model` that `targets` selects.
 
@@ -330,14 +345,18 @@ def add_lora(
         init: how A starts, "kaiming" (as nn.Linear's weight) or "gaussian"; B starts at 0.
         rank_pattern: overrides r per layer, keyed by name suffix or regex as in PEFT.
         alpha_pattern: overrides alpha per layer, keyed like rank_pattern.
+        modules_to_save: modules that train in full as part of this adapter, by exact name or
+            dotted suffix (each must select one): a new classification head, say. Each gets a
+            `modules_to_save.ModulesToSaveWrapper` with this adapter's copy, saved with the
+            adapter as PEFT saves it. None: none.
 
     Returns:
         `model` itself.
 
     Layers are wrapped in place (a layer wrapped before gets a second adapter); a new wrapper
     takes the train/eval mode of the layer it wraps. Afterwards only the active adapter's A and
-    B require grad; everything else is frozen (a new classifier head too: re-enable it
-    yourself; PEFT would need `modules_to_save`). The first adapter put on a model becomes
+    B require grad (and its copies of `modules_to_save`); everything else is frozen, a new
+    classifier head too unless it is in `modules_to_save`. The first adapter put on a model becomes
     active; later ones wait for `set_active_adapter`. Works on the meta device: A and B are
     created where the base weights live.
 
@@ -360,6 +379,10 @@ def add_lora(
         ...                  r=8, quant_type="nf4")  # QLoRA: the frozen W in 4 bits
         >>> type(model.q.base_layer).__name__
         'Linear4bit'
+        >>> model = nn.Sequential(OrderedDict(q=nn.Linear(8, 8), classifier=nn.Linear(8, 2)))
+        >>> _ = add_lora(model, ["q"], r=2, modules_to_save=["classifier"])  # a new head
+        >>> type(model.classifier).__name__, count_parameters(model)  # + its trainable copy
+        ('ModulesToSaveWrapper', (50, 140))
     """
     if quant_type is not None:
         check_quant_type(quant_type)
@@ -392,6 +415,10 @@ def add_lora(
         except ValueError as error:
             raise type(error)(f"layer {name!r}: {error}") from None
         plans.append((name, module, r_here, alpha_here))
+    staged = []  # the modules trained in full, copied now: validated before any change
+    if modules_to_save is not None:
+        kept = select_modules(model, modules_to_save, matches, every_entry_must_match=True)
+        staged = stage_copies(model, kept, adapter_name, names)
 
     bases = {  # built (and quantized) before the model changes: a failure changes nothing
         name: module if quant_type is None else _quantized(module, quant_type)
@@ -419,6 +446,7 @@ def add_lora(
     if active is None:
         for _, layer in lora_layers(model):
             layer.active_adapter = adapter_name
+    install_copies(model, staged, adapter_name, active_adapter(model))
     mark_only_lora_trainable(model)
     return model
 
@@ -513,7 +541,8 @@ def merged_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modu
 
     The usual way to deploy a QLoRA fine-tune: a 4-bit base is dequantized and the update
     added in float32, and the layer becomes an nn.Linear of `dtype` (no second rounding to 4
-    bits). Full-precision bases keep their class and dtype. `model` itself is not changed.
+    bits). Full-precision bases keep their class and dtype. A module trained in full
+    (`modules_to_save`) becomes the module it runs. `model` itself is not changed.
 
     Examples:
         >>> from collections import OrderedDict
@@ -554,6 +583,8 @@ def merged_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modu
         elif layer.active_adapter in layer.A and not layer.merged and not layer.disabled:
             layer.set_base_weight(layer.merged_weight(+1.0))
         replace_module(result, name, base)
+    for name, wrapper in list(saved_modules(result)):
+        replace_module(result, name, wrapper.active_module)
     return result
 
 

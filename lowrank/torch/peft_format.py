@@ -11,6 +11,11 @@ with `PREFIX`):
                                  base_model.model.<module path>.lora_B.weight   [out, r]
                                  base_model.model.<embedding path>.lora_embedding_A  [r, num]
                                  base_model.model.<embedding path>.lora_embedding_B  [dim, r]
+                                 base_model.model.<module path>.<tensor>    modules_to_save
+
+A module trained in full with the adapter (a classification head: `modules_to_save.py`) is
+listed in the config's "modules_to_save" and its tensors stored under its own path, as PEFT
+stores them (base_model.model.classifier.weight, .bias).
 
 Which layers a config's `target_modules` selects follows `lowrank.torch.model.match_targets`,
 the rule `add_lora` uses, which is PEFT's. Next to the factors, PEFT may save full matrices of
@@ -24,18 +29,23 @@ checks them against the model before changing it and rolls back on failure, is i
 `peft_load.py`.
 
 Where lowrank deliberately differs from PEFT, and why:
-- a file may hold only factors of the selected layers and those embedding matrices: PEFT loads
+- a file may hold only factors of the selected layers, the tensors of its modules_to_save and
+  those embedding matrices: PEFT loads
   any key that names a parameter (`load_state_dict(strict=False)`), so a file could overwrite
   any base weight; lowrank refuses such a key by name. Factors must be finite floating tensors.
 - config values are checked like `add_lora`'s arguments; lora_alpha must be > 0 (PEFT accepts
   0 or a negative alpha, which switch the adapter off or reverse it). Fields lowrank does not
-  implement (modules_to_save, DoRA, exclude_modules, ...: `UNSUPPORTED`, each with the values
-  that mean "not used") are refused by name rather than ignored.
+  implement (DoRA, exclude_modules, ...: `UNSUPPORTED`, each with the values that mean "not
+  used") are refused by name rather than ignored. A module in modules_to_save must have every
+  tensor of its state dict in the file (PEFT would keep the original for a missing one).
 - a pattern read from the file that takes more than about a second to match is a ValueError
   (`lowrank._patterns`); PEFT's `re` would run for as long as the pattern takes.
 - `adapter_model.bin` (a pickle) is never read: unpickling runs code.
 - rank_pattern / alpha_pattern keys are written so that they select exactly their layer (an
   escaped name, anchored with ^ when it is also the end of another adapted layer's name).
+
+(About 450 lines, many of them docstrings: both directions of one file format, with the checks
+of what a file may hold.)
 """
 
 import json
@@ -59,10 +69,16 @@ from lowrank._validate import (
     check_positive_number,
 )
 from lowrank.torch.adapters import check_known
-from lowrank.torch.lora import LoRAConv1D, LoRAEmbedding, LoRALayer
+from lowrank.torch.lora import LoRAConv1D, LoRAEmbedding
 from lowrank.torch.model import (
     lora_layers,
     matches,
+)
+from lowrank.torch.modules_to_save import (
+    module_names,
+    modules_to_save_state_dict,
+    peft_selects,
+    saved_modules,
 )
 
 CONFIG_NAME = "adapter_config.json"
@@ -118,23 +134,11 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
     return state
 
 
-def _outside_names(model: nn.Module) -> list[str]:
-    """Every module name a PEFT target could match (wrapper internals left out)."""
-    names, inside = [], None
-    for name, module in model.named_modules():
-        if inside and name.startswith(inside):
-            continue
-        names.append(name)
-        if isinstance(module, LoRALayer):
-            inside = name + "."
-    return names
-
-
 def _target_modules(model: nn.Module, adapted: list[str]) -> list[str]:
     """The shortest PEFT target list that selects exactly `adapted`: the layers' last name
     parts ("q_proj") when those select nothing else, their full names otherwise."""
     leaves = sorted({n.rsplit(".", 1)[-1] for n in adapted})
-    selected = [n for n in _outside_names(model) if any(matches(n, t) for t in leaves)]
+    selected = [n for n in module_names(model) if any(matches(n, t) for t in leaves)]
     return leaves if sorted(selected) == sorted(adapted) else sorted(adapted)
 
 
@@ -148,6 +152,22 @@ def _pattern_key(name: str, suffixes: set[str]) -> str:
     end of a name (`(.*\\.)?(key)$`), so the escaped name also selects a layer whose name ends
     in "." + name ("1" would select "0.1"): then it is anchored with ^."""
     return ("^" if name in suffixes else "") + re.escape(name)
+
+
+def _modules_to_save(model: nn.Module, adapter_name: str) -> list[str] | None:
+    """The paths of the modules the adapter trains in full, for the config (None: none);
+    ValueError where PEFT, which selects a module when its name ends with an entry, would
+    read them as more modules ("0" would select "10" too)."""
+    saved = [name for name, w in saved_modules(model) if adapter_name in w.modules_to_save]
+    if not saved:
+        return None
+    for name in module_names(model):
+        if name not in saved and any(peft_selects(name, entry) for entry in saved):
+            raise ValueError(
+                f"modules_to_save {saved} would also select {name!r} in PEFT (it takes a name "
+                "that ends with an entry); rename the module or leave it out"
+            )
+    return saved
 
 
 def _most_common(values: dict[str, float]) -> float:
@@ -204,7 +224,7 @@ def adapter_config(
         "bias": "none",
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": _modules_to_save(model, adapter_name),
         "layers_to_transform": None,
         "layers_pattern": None,
         "use_dora": False,
@@ -234,6 +254,8 @@ def adapter_writer(
     """
     config = adapter_config(model, adapter_name, base_model_name_or_path)
     tensors = lora_state_dict(model, adapter_name)
+    for key, tensor in modules_to_save_state_dict(model, adapter_name).items():
+        tensors[PREFIX + key] = tensor
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     def write(folder: Path) -> None:
@@ -283,7 +305,6 @@ UNSUPPORTED = {
     "peft_type": ("LORA",),
     "bias": ("none",),
     "use_dora": (False, None),
-    "modules_to_save": (None, []),
     "layers_to_transform": (None, []),
     "exclude_modules": (None, [], ""),
     "target_parameters": (None, []),
@@ -320,6 +341,7 @@ def _check_config(raw: object, path: Path) -> dict:
             "use_rslora": check_bool("use_rslora", raw.get("use_rslora", False)),
             "fan_in_fan_out": check_bool("fan_in_fan_out", raw.get("fan_in_fan_out", False)),
             "target_modules": _check_targets(raw.get("target_modules")),
+            "modules_to_save": _check_modules_to_save(raw.get("modules_to_save")),
             "rank_pattern": _check_pattern(raw, "rank_pattern", lambda k, v: check_int(k, v)),
             "alpha_pattern": _check_pattern(raw, "alpha_pattern", check_positive_number),
         }
@@ -337,6 +359,14 @@ def _check_targets(targets: object) -> str | list[str]:
     if isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
         return targets
     raise ValueError(f"target_modules must be a str (regex) or a list of str, got {targets!r}")
+
+
+def _check_modules_to_save(entries: object) -> list[str]:
+    if entries is None:
+        return []
+    if isinstance(entries, list) and all(isinstance(e, str) and e for e in entries):
+        return entries
+    raise ValueError(f"modules_to_save must be null or a list of module names, got {entries!r}")
 
 
 def _check_pattern(raw: dict, field: str, check: Callable[[str, object], object]) -> dict:

@@ -3,9 +3,13 @@
 The file format itself (keys, adapter_config.json, reading and checking the two files) is
 `peft_format.py`; this module fits what was read to a model (Hu et al. 2021,
 arXiv:2106.09685): `plan_load` checks keys, shapes and ranks without changing the model,
-`apply_plan` wraps the layers and copies the factors, and puts the model back as it was if
-anything fails half-way. The folder is read as one version (`lowrank._folders.reading_folder`).
+`apply_plan` wraps the layers and copies the factors (and the tensors of the modules the
+adapter trains in full: `modules_to_save.py`), and puts the model back as it was if anything
+fails half-way. The folder is read as one version (`lowrank._folders.reading_folder`).
 What a file may change, and where lowrank differs from PEFT there: `peft_format`'s docstring.
+
+(About 470 lines, a third of them docstrings: planning, applying and rolling back one load
+must be read together to see that a refused load changes nothing.)
 """
 
 import os
@@ -23,12 +27,21 @@ from lowrank._validate import check_adapter_name
 from lowrank.torch.adapters import check_unmerged
 from lowrank.torch.lora import LoRAConv1D, LoRAEmbedding, LoRALayer
 from lowrank.torch.model import (
+    active_adapter,
     add_lora,
     features,
     is_conv1d,
     lora_layers,
     match_targets,
     replace_module,
+)
+from lowrank.torch.modules_to_save import (
+    ModulesToSaveWrapper,
+    install_copies,
+    peft_selects,
+    saved_modules,
+    select_modules,
+    stage_copies,
 )
 from lowrank.torch.peft_format import CONFIG_NAME, PREFIX, _keys, read_adapter_files
 
@@ -40,7 +53,9 @@ class AdapterPlan:
     """A checked adapter load: what `apply_plan` will do to the model (made by `plan_load`).
 
     Each entry of `layers` is (qualified name, r, alpha, A [r, in], B [out, r]); each entry of
-    `base_weights` is (the model's parameter, the value the file holds for it).
+    `base_weights` is (the model's parameter, the value the file holds for it); each entry of
+    `modules_to_save` is (module path, its state dict from the file), and `staged` holds the
+    copies still to be made (`modules_to_save.stage_copies`).
 
     Examples:
         >>> import tempfile
@@ -72,6 +87,8 @@ class AdapterPlan:
     existing: bool  # the model already has this adapter on exactly these layers
     layers: list[tuple[str, int, float, torch.Tensor, torch.Tensor]]  # (name, r, alpha, A, B)
     base_weights: list[tuple[nn.Parameter, torch.Tensor]]  # saved embedding matrices
+    modules_to_save: list[tuple[str, dict[str, torch.Tensor]]]  # modules trained in full
+    staged: list  # (path, wrapper or None, new copy) for the modules without this adapter's copy
 
 
 def plan_load(
@@ -86,6 +103,9 @@ def plan_load(
 
     `config` and `tensors` are what `peft_format.read_adapter_files` read from `folder`
     (named in errors); each layer's A must be [r, in] and B [out, r] for the layer it names.
+    The config's modules_to_save select modules as PEFT selects them (`peft_selects`); each
+    needs every tensor of its state dict in the file, at its shape, and like PEFT the LoRA
+    targets leave out those modules and what is inside them.
 
     Examples:
         >>> import tempfile
@@ -123,8 +143,12 @@ def plan_load(
             alphas = _patterns.pattern_values(
                 config["alpha_pattern"], selected, config["lora_alpha"]
             )
+            saved = select_modules(
+                model, config["modules_to_save"], peft_selects, every_entry_must_match=False
+            )
     except ValueError as error:
         raise ValueError(f"{folder / CONFIG_NAME}: {error}") from None
+    selected = [n for n in selected if not any(n == s or n.startswith(s + ".") for s in saved)]
     existing = sorted(n for n, layer in lora_layers(model) if adapter_name in layer.A)
     problems, layers, expected = [], [], set()
     for name in selected:
@@ -147,12 +171,13 @@ def plan_load(
             problems.append(f"{name}: adapter {adapter_name!r} has r={module.r[adapter_name]}")
             continue
         layers.append((name, r, alpha, A, B))
+    full_modules, staged = _plan_modules_to_save(
+        model, saved, tensors, adapter_name, selected, expected, problems
+    )
     base_weights, embedding_parameters = [], _embedding_parameters(model, modules)
     for key in [key for key in tensors if key not in expected]:
         parameter = embedding_parameters.get(key)
-        if ".modules_to_save." in key:
-            problems.append(f"{key}: modules_to_save is not supported")
-        elif parameter is None:
+        if parameter is None:
             problems.append(f"unexpected key {key}")
         elif parameter.shape != tensors[key].shape:
             problems.append(
@@ -175,7 +200,48 @@ def plan_load(
     if existing:
         check_unmerged(model, "load into an existing adapter")
     _warn_fan_in_fan_out(config["fan_in_fan_out"], [(n, modules[n]) for n in selected])
-    return AdapterPlan(folder, config, adapter_name, bool(existing), layers, base_weights)
+    return AdapterPlan(
+        folder, config, adapter_name, bool(existing), layers, base_weights, full_modules, staged
+    )
+
+
+def _plan_modules_to_save(
+    model: nn.Module,
+    saved: list[str],
+    tensors: dict[str, torch.Tensor],
+    adapter_name: str,
+    lora_names: list[str],
+    expected: set[str],
+    problems: list[str],
+) -> tuple[list[tuple[str, dict[str, torch.Tensor]]], list]:
+    """Each selected module's state dict from the file (its keys added to `expected`, what
+    does not fit to `problems`), and the copies to make for those without one."""
+    found, staged = [], []
+    for name in saved:
+        module = model.get_submodule(name)
+        wrapper = module if isinstance(module, ModulesToSaveWrapper) else None
+        if wrapper is None or adapter_name not in wrapper.modules_to_save:
+            try:  # checks it is no LoRA layer, holds none and is not a container
+                staged += stage_copies(model, [name], adapter_name, lora_names)
+            except ValueError as error:
+                problems.append(str(error))
+                continue
+        original = module if wrapper is None else wrapper.original_module
+        state = {}
+        for key, value in original.state_dict().items():
+            file_key = f"{PREFIX}{name}.{key}"
+            expected.add(file_key)
+            if file_key not in tensors:
+                problems.append(f"missing {file_key} (modules_to_save {name!r})")
+            elif tensors[file_key].shape != value.shape:
+                problems.append(
+                    f"{file_key}: shape {tuple(tensors[file_key].shape)}, the model's is "
+                    f"{tuple(value.shape)}"
+                )
+            else:
+                state[key] = tensors[file_key]
+        found.append((name, state))
+    return found, staged
 
 
 def _warn_fan_in_fan_out(fan_in_fan_out: bool, layers: list[tuple[str, nn.Module]]) -> None:
@@ -231,8 +297,9 @@ def apply_plan(
     plan: AdapterPlan,
     extra_weights: list[tuple[nn.Parameter, torch.Tensor]] = (),
 ) -> None:
-    """Carry out a checked load, then copy `extra_weights` (checked by the caller: e.g. a
-    trained head); if anything fails half-way, the model is put back as it was.
+    """Carry out a checked load (LoRA factors, embedding matrices, modules trained in full),
+    then copy `extra_weights` (checked by the caller: e.g. a trained head); if anything fails
+    half-way, the model is put back as it was.
 
     Examples:
         >>> import tempfile
@@ -284,7 +351,11 @@ def apply_plan(
             with torch.no_grad():
                 layer.A[plan.adapter_name].copy_(A)
                 layer.B[plan.adapter_name].copy_(B)
+        install_copies(model, plan.staged, plan.adapter_name, active_adapter(model))
         with torch.no_grad():
+            for name, state in plan.modules_to_save:
+                module_copy = model.get_submodule(name).modules_to_save[plan.adapter_name]
+                module_copy.load_state_dict(state)
             for parameter, value in extra_weights:
                 parameter.copy_(value)
     except BaseException:
@@ -307,10 +378,12 @@ def load_adapter(
       existing adapter), fields lowrank does not implement refused by name, patterns matched
       with a time limit (`lowrank._patterns`); bad JSON or a missing file is a ValueError
       naming the file;
-    - the tensors: only LoRA factors of the selected layers and the embedding matrices PEFT
-      itself saves (`_embedding_parameters`); any other key is refused by name (PEFT would
-      load it into the model, so a file could change any base weight). Every tensor must be
-      floating point and finite;
+    - the tensors: only LoRA factors of the selected layers, the tensors of the modules the
+      config lists in modules_to_save (a classification head trained in full: each module
+      gets a copy for this adapter, as in PEFT) and the embedding matrices PEFT itself saves
+      (`_embedding_parameters`); any other key is refused by name (PEFT would load it into
+      the model, so a file could change any base weight). Every tensor must be floating
+      point and finite;
     - keys, shapes or ranks that do not fit raise ValueError naming the first mismatches.
 
     The folder is read as one version (`lowrank._folders.reading_folder`), so a concurrent
@@ -344,8 +417,9 @@ def load_adapter(
 
 
 def _snapshot(model: nn.Module, weights: list[nn.Parameter]) -> dict:
-    """Enough to put the model back: its modules, adapter factors, flags, requires_grad and
-    the values of `weights` (base weights about to be overwritten)."""
+    """Enough to put the model back: its modules, adapter factors, copies of modules trained
+    in full, flags, requires_grad and the values of `weights` (base weights about to be
+    overwritten)."""
     return {
         "weights": [(weight, weight.detach().clone()) for weight in weights],
         "modules": dict(model.named_modules()),
@@ -358,6 +432,16 @@ def _snapshot(model: nn.Module, weights: list[nn.Parameter]) -> dict:
                 dict(layer.use_rslora),
             )
             for name, layer in lora_layers(model)
+        },
+        "wrappers": {
+            name: (
+                wrapper.active_adapter,
+                {
+                    adapter: {key: t.detach().clone() for key, t in copy.state_dict().items()}
+                    for adapter, copy in wrapper.modules_to_save.items()
+                },
+            )
+            for name, wrapper in saved_modules(model)
         },
     }
 
@@ -375,6 +459,17 @@ def _restore(model: nn.Module, snapshot: dict) -> None:
                 layer.A[adapter].copy_(A)
                 layer.B[adapter].copy_(B)
         layer.active_adapter, layer.alpha, layer.use_rslora = active, alpha, use_rslora
+    for name, wrapper in list(saved_modules(model)):
+        if name not in snapshot["wrappers"]:
+            replace_module(model, name, snapshot["modules"][name])
+            continue
+        active, copies = snapshot["wrappers"][name]
+        for adapter in [a for a in wrapper.modules_to_save if a not in copies]:
+            wrapper.delete_adapter(adapter)
+        with torch.no_grad():
+            for adapter, state in copies.items():
+                wrapper.modules_to_save[adapter].load_state_dict(state)
+        wrapper.active_adapter = active
     for parameter, flag in snapshot["requires_grad"].items():
         parameter.requires_grad_(flag)
     with torch.no_grad():

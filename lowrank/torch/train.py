@@ -12,10 +12,11 @@ What happens, step by step:
   arXiv:1711.05101) over the parameters that require grad, and only those. With LoRA
   that is A and B (plus a task head): the optimizer's two moments exist only for them, which
   is most of LoRA's memory saving (Hu et al. 2021, arXiv:2106.09685, section 4.2).
-- the learning rate rises linearly from 0 over the warmup steps, then follows half a cosine
-  down to 0 at the last step (`cosine_with_warmup`: the schedule of
-  `transformers.get_cosine_schedule_with_warmup`; cosine annealing as in SGDR, Loshchilov &
-  Hutter 2017, arXiv:1608.03983).
+- the learning rate rises linearly from 0 over the warmup steps (`warmup_steps`, or
+  `warmup_ratio` of all steps), then follows `schedule` (`SCHEDULES`): half a cosine down to 0
+  at the last step (`cosine_with_warmup`, transformers' `get_cosine_schedule_with_warmup`;
+  cosine annealing as in SGDR, Loshchilov & Hutter 2017, arXiv:1608.03983), a straight line
+  down to 0 (`linear_with_warmup`) or the peak rate to the end (`constant_with_warmup`).
 - gradient accumulation: `grad_accum_steps` micro-batches of `batch_size` examples are
   back-propagated (each loss divided by their number) before one optimizer step, so the step
   sees the mean gradient of batch_size * grad_accum_steps examples.
@@ -27,10 +28,18 @@ What happens, step by step:
   in the backward pass instead of stored, trading about one extra forward for memory.
 - after each epoch, `evaluate(model)` (no grad, eval mode) returns metrics; every optimizer
   step and every evaluation is appended as one JSON line to `out_dir/log.jsonl`.
-- at the end (and after each epoch with `save_every_epoch`) the trainable weights are written
-  to `out_dir` (`checkpoint.save_trainable`): LoRA adapters in the PEFT layout
-  (`peft_format.save_adapter`), and any other trainable tensors (a classification head, or
-  the whole model in full fine-tuning) to `trainable.safetensors`.
+- at the end the trainable weights are written to `out_dir` (`save`, by default
+  `checkpoint.save_trainable`): LoRA adapters in the PEFT layout (`peft_format.save_adapter`),
+  and any other trainable tensors (the whole model in full fine-tuning) to
+  `trainable.safetensors`.
+- checkpoints: every `save_steps` optimizer steps to `out_dir/checkpoint-<step>`, and after
+  each epoch with `save_every_epoch` to `out_dir/epoch-<n>`, the weights, AdamW's moments, the
+  schedule's position, the random generators' states and the position in the data are
+  written (`checkpoint.save_checkpoint`); `resume_from` one of them continues the run from
+  that step as if it had never stopped: on the CPU, the same final weights bit for bit.
+
+(About 530 lines, a third of them docstrings: the loop, its checkpoints and their resumption
+read together; the file format of a checkpoint is `checkpoint.py`.)
 
 QLoRA (Dettmers et al. 2023, arXiv:2305.14314) needs nothing special here: its base weights
 are frozen 4-bit buffers, and only the adapters reach the optimizer.
@@ -49,14 +58,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowrank.torch.checkpoint import save_trainable, trainable_parameters
+from lowrank.torch.checkpoint import (
+    load_checkpoint,
+    save_checkpoint,
+    save_trainable,
+    trainable_parameters,
+)
 
 __all__ = [
+    "SCHEDULES",
     "TrainConfig",
     "TrainResult",
     "seed_everything",
     "default_device",
     "cosine_with_warmup",
+    "linear_with_warmup",
+    "constant_with_warmup",
     "enable_gradient_checkpointing",
     "move_to",
     "train",
@@ -68,7 +85,8 @@ class TrainConfig:
     """Every knob of `train`, with defaults that suit LoRA on a small model.
 
     Checked when made: counts must be positive ints, lr and max_grad_norm positive,
-    warmup_ratio in [0, 1); ValueError otherwise.
+    warmup_ratio in [0, 1), warmup_steps a non-negative int, schedule one of `SCHEDULES`;
+    ValueError otherwise.
 
     Examples:
         >>> from lowrank.torch.train import TrainConfig
@@ -85,7 +103,9 @@ class TrainConfig:
     batch_size: int = 16  # examples per micro-batch
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     lr: float = 2e-4  # peak learning rate, reached at the end of warmup
+    schedule: str = "cosine"  # after warmup: "cosine", "linear" (both to 0) or "constant"
     warmup_ratio: float = 0.06  # share of all optimizer steps spent warming up
+    warmup_steps: int | None = None  # optimizer steps of warmup; None: warmup_ratio of them
     weight_decay: float = 0.0  # AdamW's decoupled decay, on every trainable tensor
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -95,7 +115,9 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None  # None: CUDA if available, else CPU
     out_dir: str | None = None  # where log.jsonl and the weights go; None: nothing written
-    save_every_epoch: bool = False  # also write the weights to out_dir/epoch-<n>
+    save_every_epoch: bool = False  # also write a checkpoint to out_dir/epoch-<n>
+    save_steps: int | None = None  # a checkpoint every this many steps: out_dir/checkpoint-<n>
+    resume_from: str | None = None  # a checkpoint folder to continue from (the same setup)
     log_every: int = 1  # optimizer steps between log lines
     progress: bool = True  # tqdm progress bar
 
@@ -108,6 +130,20 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_steps is not None and (
+            isinstance(self.warmup_steps, bool)
+            or not isinstance(self.warmup_steps, int)
+            or self.warmup_steps < 0
+        ):
+            raise ValueError(f"warmup_steps must be a non-negative int, got {self.warmup_steps!r}")
+        if self.save_steps is not None and (
+            isinstance(self.save_steps, bool)
+            or not isinstance(self.save_steps, int)
+            or self.save_steps < 1
+        ):
+            raise ValueError(f"save_steps must be a positive int or None, got {self.save_steps!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm}")
 
@@ -171,6 +207,40 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def linear_with_warmup(step: int, total_steps: int, warmup_steps: int) -> float:
+    """The multiplier at step `step`: 0 -> 1 linearly over `warmup_steps`, then 1 -> 0 in a
+    straight line at `total_steps` (transformers' `get_linear_schedule_with_warmup`).
+
+    Examples:
+        >>> from lowrank.torch.train import linear_with_warmup
+        >>> [round(linear_with_warmup(step, 10, 2), 4) for step in range(0, 11, 2)]
+        [0.0, 1.0, 0.75, 0.5, 0.25, 0.0]
+    """
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def constant_with_warmup(step: int, total_steps: int, warmup_steps: int) -> float:
+    """The multiplier at step `step`: 0 -> 1 linearly over `warmup_steps`, then 1 to the end
+    (transformers' `get_constant_schedule_with_warmup`).
+
+    Examples:
+        >>> from lowrank.torch.train import constant_with_warmup
+        >>> [round(constant_with_warmup(step, 10, 2), 4) for step in range(0, 11, 2)]
+        [0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    """
+    return step / max(1, warmup_steps) if step < warmup_steps else 1.0
+
+
+# TrainConfig.schedule -> the learning-rate multiplier (step, total_steps, warmup_steps) -> float
+SCHEDULES = {
+    "cosine": cosine_with_warmup,
+    "linear": linear_with_warmup,
+    "constant": constant_with_warmup,
+}
+
+
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Turn on activation recomputation in the outermost Hugging Face model inside `model`.
 
@@ -227,6 +297,7 @@ def train(
     loss_fn: Callable[[nn.Module, Any], torch.Tensor],
     collate: Callable[[list], Any],
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    save: Callable[[nn.Module, Path], object] = save_trainable,
 ) -> TrainResult:
     """Train the parameters of `model` that require grad on `examples`; see the module doc.
 
@@ -242,6 +313,8 @@ def train(
             the batch is moved to the device for you.
         evaluate: `evaluate(model)` gives metrics after each epoch, called under no_grad in
             eval mode. None: no evaluation.
+        save: `save(model, out_dir)` writes the trained weights at the end (checkpoints are
+            always `checkpoint.save_checkpoint`'s).
 
     Returns:
         The per-step losses, per-epoch metrics and wall time (`TrainResult`).
@@ -290,33 +363,78 @@ def train(
     micro_batches_per_epoch = math.ceil(len(examples) / config.batch_size)
     steps_per_epoch = math.ceil(micro_batches_per_epoch / config.grad_accum_steps)
     total_steps = steps_per_epoch * config.epochs
-    warmup_steps = round(config.warmup_ratio * total_steps)
+    warmup_steps = config.warmup_steps
+    if warmup_steps is None:
+        warmup_steps = round(config.warmup_ratio * total_steps)
+    schedule = SCHEDULES[config.schedule]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: cosine_with_warmup(step, total_steps, warmup_steps)
+        optimizer, lambda step: schedule(step, total_steps, warmup_steps)
     )
     autocast = torch.autocast(
         device_type=device.type, dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda"
     )
+    shuffler = torch.Generator().manual_seed(config.seed)  # the data order, on its own
     out_dir = Path(config.out_dir) if config.out_dir else None
+    result = TrainResult(out_dir=str(out_dir) if out_dir else None)
+    start_epoch, skip = 1, 0  # where the run begins: epoch, optimizer steps done in it
+    if config.resume_from:
+        state, generators = load_checkpoint(model, config.resume_from, optimizer, scheduler)
+        _check_same_run(state, config, len(examples), config.resume_from)
+        result.losses, result.evals, result.steps = state["losses"], state["evals"], state["step"]
+        start_epoch, skip = state["epoch"], state["steps_in_epoch"]
+        shuffler.set_state(generators["shuffler"])  # as at the start of that epoch
+        torch.set_rng_state(generators["torch"])  # dropout goes on as it would have
+        if "cuda" in generators and device.type == "cuda":
+            torch.cuda.set_rng_state(generators["cuda"], device)
+        version, internal, gauss = state["python_random"]
+        random.setstate((version, tuple(internal), gauss))
     log = None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         log = open(out_dir / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed below)
         _write_line(log, {"event": "config", **asdict(config), "trainable": list(parameters)})
+        if config.resume_from:
+            _write_line(log, {"event": "resume", "from": config.resume_from, "step": result.steps})
 
-    shuffler = torch.Generator().manual_seed(config.seed)  # the data order, on its own
-    result = TrainResult(out_dir=str(out_dir) if out_dir else None)
+    def checkpoint(name: str, epoch: int, steps_in_epoch: int, epoch_start: torch.Tensor) -> None:
+        generators = {"shuffler": epoch_start, "torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            generators["cuda"] = torch.cuda.get_rng_state(device)
+        state = {
+            "step": result.steps,
+            "epoch": epoch,
+            "steps_in_epoch": steps_in_epoch,
+            "losses": result.losses,
+            "evals": result.evals,
+            "examples": len(examples),
+            "config": json.loads(json.dumps(asdict(config), default=str)),
+            "python_random": random.getstate(),
+        }
+        save_checkpoint(model, out_dir / name, optimizer, scheduler, state, generators)
+
     start = time.perf_counter()
-    bar = tqdm(total=total_steps, desc="train", disable=not config.progress, leave=False)
+    bar = tqdm(
+        total=total_steps,
+        initial=result.steps,
+        desc="train",
+        disable=not config.progress,
+        leave=False,
+    )
     try:
-        for epoch in range(1, config.epochs + 1):
-            model.train()
+        for epoch in range(start_epoch, config.epochs + 1):
+            epoch_start = shuffler.get_state()
             order = torch.randperm(len(examples), generator=shuffler).tolist()
             micro_batches = [
                 order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)
             ]
-            for first in range(0, len(micro_batches), config.grad_accum_steps):
-                group = micro_batches[first : first + config.grad_accum_steps]
+            groups = [
+                micro_batches[i : i + config.grad_accum_steps]
+                for i in range(0, len(micro_batches), config.grad_accum_steps)
+            ]
+            first = skip if epoch == start_epoch else 0  # steps a resumed run has done
+            model.train()
+            for index in range(first, len(groups)):
+                group = groups[index]
                 step_loss = 0.0
                 for indices in group:
                     batch = move_to(collate([examples[i] for i in indices]), device)
@@ -350,15 +468,22 @@ def train(
                             "time_s": time.perf_counter() - start,
                         },
                     )
-            if evaluate is not None:
+                every = config.save_steps
+                if out_dir is not None and every is not None and result.steps % every == 0:
+                    checkpoint(f"checkpoint-{result.steps}", epoch, index + 1, epoch_start)
+            evaluated = False
+            if evaluate is not None and len(result.evals) < epoch:  # not done before a resume
                 model.eval()
                 with torch.no_grad(), autocast:
                     metrics = {key: float(value) for key, value in evaluate(model).items()}
                 result.evals.append(metrics)
+                evaluated = True
                 if log is not None:
                     _write_line(log, {"event": "eval", "epoch": epoch, **metrics})
             if out_dir is not None and config.save_every_epoch:
-                save_trainable(model, out_dir / f"epoch-{epoch}")
+                done_now = first < len(groups) or evaluated  # else: resumed from its end
+                if done_now or not (out_dir / f"epoch-{epoch}").exists():
+                    checkpoint(f"epoch-{epoch}", epoch, len(groups), epoch_start)
     finally:
         bar.close()
         if log is not None:
@@ -366,8 +491,42 @@ def train(
     model.eval()
     result.wall_time_s = time.perf_counter() - start
     if out_dir is not None:
-        save_trainable(model, out_dir)
+        save(model, out_dir)
     return result
+
+
+# Settings that decide a run's trajectory: a resumed run must have the checkpoint's.
+_SAME_RUN = (
+    "epochs",
+    "batch_size",
+    "grad_accum_steps",
+    "lr",
+    "schedule",
+    "warmup_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "betas",
+    "eps",
+    "max_grad_norm",
+    "seed",
+)
+
+
+def _check_same_run(state: dict, config: TrainConfig, examples: int, folder: str) -> None:
+    """ValueError naming every setting in which this run differs from the checkpoint's."""
+    now = json.loads(json.dumps(asdict(config), default=str))
+    differ = [
+        f"{key} {state['config'].get(key)!r} -> {now[key]!r}"
+        for key in _SAME_RUN
+        if state["config"].get(key) != now[key]
+    ]
+    if state["examples"] != examples:
+        differ.append(f"examples {state['examples']} -> {examples}")
+    if differ:
+        raise ValueError(
+            f"cannot resume from {folder}: this run differs from the one that wrote it in "
+            f"{'; '.join(differ)} (a resumed run must continue the same run)"
+        )
 
 
 def _write_line(log, record: dict) -> None:

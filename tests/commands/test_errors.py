@@ -52,6 +52,22 @@ PARSE_CASES = [
     ("out-under-file", ["finetune", "m", "d", "--out", "{d}/bert.json/run"], "is not a folder"),
     ("out-empty", ["finetune", "m", "d", "--out", ""], "empty path"),
     ("demo-out-is-file", ["demo", "--out", "{d}/bert.json"], "is not a folder"),
+    ("eval-split-1", ["finetune", "m", "d", "--eval-split", "1"], "--eval-split: must be a fra"),
+    ("eval-split-neg", ["finetune", "m", "d", "--eval-split=-0.1"], "--eval-split: must be"),
+    ("eval-split-text", ["finetune", "m", "d", "--eval-split", "ten"], "got 'ten'"),
+    (
+        "eval-split-and-file",
+        ["finetune", "m", "d", "--eval-split", "0.1", "--eval-file", "e.jsonl"],
+        "--eval-file: not allowed with argument --eval-split",
+    ),
+    ("max-length-0", ["finetune", "m", "d", "--max-length", "0"], "--max-length: must be a pos"),
+    ("finetune-seed-neg", ["finetune", "m", "d", "--seed", "-1"], "--seed: must be a non-neg"),
+    ("schedule-bogus", ["finetune", "m", "d", "--schedule", "step"], "--schedule: invalid choice"),
+    ("warmup-ratio-1", ["finetune", "m", "d", "--warmup-ratio", "1"], "--warmup-ratio: must be"),
+    ("warmup-steps-neg", ["finetune", "m", "d", "--warmup-steps", "-2"], "--warmup-steps: must"),
+    ("save-steps-0", ["finetune", "m", "d", "--save-steps", "0"], "--save-steps: must be a pos"),
+    ("dropout-1", ["finetune", "m", "d", "--dropout", "1"], "--dropout: must be a fraction"),
+    ("grad-accum-0", ["finetune", "m", "d", "--grad-accum-steps", "0"], "--grad-accum-steps"),
 ]
 ESTIMATE_CASES = [
     ("missing-file", ["estimate", "{d}/nope.json"], "no config file at"),
@@ -94,9 +110,24 @@ FINETUNE_CASES = [
     ("data-not-object", ["finetune", "{d}/model", "{d}/list.jsonl"], "list.jsonl:2: expected a"),
     ("data-mixed-labels", ["finetune", "{d}/model", "{d}/mixed.jsonl"], "mixed.jsonl:2: label 1"),
     ("data-surrogate", ["finetune", "{d}/model", "{d}/surrogate.jsonl"], "unpaired surrogate"),
+    (
+        "resume-missing",
+        ["finetune", "{d}/model", "{d}/ok.jsonl", "--resume", "{d}/empty"],
+        "no training checkpoint at",
+    ),
+    (
+        "eval-file-missing",
+        ["finetune", "{d}/model", "{d}/ok.jsonl", "--eval-file", "{d}/nope.jsonl"],
+        "no data file at",
+    ),
+    (
+        "eval-file-other-format",
+        ["finetune", "{d}/model", "{d}/ok.jsonl", "--eval-file", "{d}/mixed-ok.jsonl"],
+        "mixed-ok.jsonl is classification but",
+    ),
 ]
 # the finetune cases also run in a fresh interpreter (each imports torch: a few seconds)
-FINETUNE_SUBPROCESS = {"model-no-weights", "data-nested", "data-invalid-utf8"}
+FINETUNE_SUBPROCESS = {"model-no-weights", "data-nested", "data-invalid-utf8", "resume-missing"}
 
 
 def _write_bad_files(d: Path) -> None:
@@ -140,6 +171,7 @@ def _write_bad_files(d: Path) -> None:
     (d / "utf16.jsonl").write_text(ok * 2, encoding="utf-16")
     (d / "list.jsonl").write_text(ok + '["text", "fine"]\n')
     (d / "mixed.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": 1}\n')
+    (d / "mixed-ok.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')
     (d / "surrogate.jsonl").write_text('{"text": "a \\ud800 b"}\n')
 
 
@@ -276,8 +308,10 @@ def _last_line(stderr: str, words: str) -> None:
         ("gpt2-no-tokenizer", [{"text": "a b"}], [], "has no vocabulary"),
         ("small-vocab", [{"text": "a b"}, {"text": "c"}], [], "ok.jsonl:1: the tokenizer gives"),
         ("llama", [{"text": "a b"}, {"text": "c"}], ["--targets", "nope"], "target 'nope'"),
+        ("llama", [{"text": "a b"}, {"text": "c"}], ["--eval-split", "0.1"], "holds no row"),
+        ("llama", [{"text": "a b"}, {"text": "c"}], ["--eval-split", "0.9"], "leaving none"),
     ],
-    ids=["no-tokenizer", "tokenizer-mismatch", "unknown-target"],
+    ids=["no-tokenizer", "tokenizer-mismatch", "unknown-target", "split-empty", "split-all"],
 )
 def test_finetune_errors_found_after_loading(models, model, rows, extra, words, tmp_path, capsys):
     data = tmp_path / "ok.jsonl"
@@ -308,6 +342,14 @@ def test_finetune_refuses_rows_with_nothing_to_learn(models, tmp_path):
         ({"epochs": 0}, "epochs must be a positive int"),
         ({"r": 0}, "r must be a positive int"),
         ({"method": "dora"}, "method must be one of"),
+        ({"schedule": "step"}, "schedule must be one of"),
+        ({"eval_split": 1.0}, "eval_split must be a fraction"),
+        ({"eval_split": 0.1, "eval_file": "e.jsonl"}, "an evaluation split or an evaluation file"),
+        ({"seed": -1}, "seed must be a non-negative int"),
+        ({"dropout": 1.0}, "dropout must be in"),
+        ({"warmup_steps": -1}, "warmup_steps must be a non-negative int"),
+        ({"save_steps": 0}, "save_steps must be a positive int"),
+        ({"max_length": 0}, "max_length must be a positive int"),
     ],
 )
 def test_finetune_function_checks_its_arguments(options, words, bad):
@@ -323,7 +365,8 @@ def test_a_diverged_run_is_an_error(monkeypatch, bad, capsys):
     from lowrank.commands import finetune as job
     from lowrank.torch.train import TrainResult
 
-    diverged = TrainResult(losses=[2.0, float("nan")], steps=2, out_dir="runs/x")
+    run = TrainResult(losses=[2.0, float("nan")], steps=2, out_dir="runs/x")
+    diverged = job.FinetuneResult(run, None, "an adapter", [], 0)
     monkeypatch.setattr(job, "finetune", lambda *args, **kwargs: diverged)
     code, err = _run_in_process(["finetune", str(bad / "model"), str(bad / "ok.jsonl")], capsys)
     assert code == 2
@@ -331,6 +374,17 @@ def test_a_diverged_run_is_an_error(monkeypatch, bad, capsys):
 
 
 # ----------------------------------------------------------------------------- bugs, help
+
+
+def test_bf16_without_a_gpu_is_refused_by_name(bad, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("--bf16 is refused only where no GPU is")
+    argv = ["finetune", str(bad / "model"), str(bad / "ok.jsonl"), "--bf16"]
+    code, err = _run_in_process(argv, capsys)
+    assert code == 2
+    _assert_one_error_line(err, "bf16 needs a CUDA GPU")
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch, bad):

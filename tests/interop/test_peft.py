@@ -4,8 +4,9 @@ GPT-2 (Conv1D layers, fan_in_fan_out; tied wte), Llama (separate q/v projections
 built from configs with random weights (no downloads). An adapter saved by lowrank must load
 in PEFT (`PeftModel.from_pretrained`) and give the same outputs, and a PEFT-saved adapter must
 load in lowrank and give the same outputs, with non-default alpha, rsLoRA and per-layer
-rank/alpha patterns. Tolerance: both compute base(x) + (x A^T B^T) * scale with the same ops,
-so outputs agree to float32 rounding (in practice bit for bit); we allow 1e-6.
+rank/alpha patterns, and a classifier whose head trains in full (modules_to_save). Tolerance:
+both compute base(x) + (x A^T B^T) * scale with the same ops, so outputs agree to float32
+rounding (in practice bit for bit); we allow 1e-6.
 """
 
 import copy
@@ -16,6 +17,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     BertConfig,
+    BertForSequenceClassification,
     BertModel,
     GPT2Config,
     GPT2LMHeadModel,
@@ -178,3 +180,73 @@ def test_a_peft_adapter_with_dropout_loads_into_an_eval_model_with_identical_out
     ours = load_adapter(copy.deepcopy(base), tmp_path)  # no .eval() afterwards
     assert not any(layer.training for _, layer in lora_layers(ours))
     torch.testing.assert_close(output(ours), output(theirs), rtol=1e-6, atol=1e-6)
+
+
+# ---- modules_to_save: a classifier's head trained in full, saved with the adapter -------------
+
+
+def bert_classifier():
+    """A tiny BERT classifier whose 3-class head is new (random), as a user's fine-tune has."""
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        vocab_size=VOCAB,
+        max_position_embeddings=16,
+        pad_token_id=0,
+        num_labels=3,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def test_lowrank_adapter_with_a_trained_head_loads_in_peft(tmp_path):
+    # Oracle: PEFT's ModulesToSaveWrapper reading our file; without the head the outputs differ.
+    base = bert_classifier()
+    ours = add_lora(
+        copy.deepcopy(base), ["query", "value"], r=4, alpha=7, modules_to_save=["classifier"]
+    )
+    trainable = [p for p in ours.parameters() if p.requires_grad]
+    assert len(trainable) == 4 * 2 + 2  # A, B on 4 layers; the head's weight and bias
+    randomize(trainable, seed=7)
+    save_adapter(ours, tmp_path)
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert type(theirs.base_model.model.classifier).__name__ == "ModulesToSaveWrapper"
+    torch.testing.assert_close(output(theirs), output(ours), rtol=1e-6, atol=1e-6)
+    without_head = add_lora(copy.deepcopy(base), ["query", "value"], r=4, alpha=7)
+    with torch.no_grad():
+        for name, parameter in without_head.named_parameters():
+            if parameter.requires_grad:
+                parameter.copy_(ours.get_parameter(name))
+    assert not torch.allclose(output(without_head), output(ours))  # the head is what differs
+    config = dataclasses.replace(theirs.peft_config["default"], inference_mode=False)
+    trainable_theirs = get_peft_model(copy.deepcopy(base), config)
+    assert count_parameters(ours)[0] == trainable_theirs.get_nb_trainable_parameters()[0]
+
+
+def test_peft_seq_cls_adapter_loads_in_lowrank_with_its_head(tmp_path):
+    # PEFT's task_type="SEQ_CLS" puts ["classifier", "score"] in modules_to_save ("score"
+    # selects nothing in BERT). A few real training steps in PEFT, then lowrank loads it.
+    base = bert_classifier()
+    config = LoraConfig(r=3, lora_alpha=5, target_modules=["query", "value"], task_type="SEQ_CLS")
+    theirs = get_peft_model(copy.deepcopy(base), config)
+    optimizer = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=5e-2)
+    labels = torch.tensor([0, 2])
+    for _ in range(3):
+        theirs(input_ids=IDS, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    theirs.eval().save_pretrained(tmp_path)
+    ours = load_adapter(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(output(ours), output(theirs), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(output(ours), output(base))
+    head = ours.classifier.modules_to_save["default"]
+    assert torch.equal(
+        head.weight, theirs.base_model.model.classifier.modules_to_save.default.weight
+    )
+    assert count_parameters(ours)[0] == theirs.get_nb_trainable_parameters()[0]
+    # and back: lowrank saves what it loaded, PEFT reads it to the same outputs
+    save_adapter(ours, tmp_path / "again")
+    again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "again").eval()
+    torch.testing.assert_close(output(again), output(theirs), rtol=1e-6, atol=1e-6)

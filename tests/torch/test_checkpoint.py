@@ -1,6 +1,7 @@
 """lowrank.torch.checkpoint: save_trainable / load_trainable, what training writes (PEFT adapter
 files plus trainable.safetensors): checked before the model changes, rolled back on failure,
-the folder replaced as a unit. (Through a training run: test_train.py.)"""
+the folder replaced as a unit; modules_to_save in the adapter file; checkpoints refused when they
+do not fit. (Through a training run, and resuming: test_train.py.)"""
 
 import pytest
 import torch
@@ -8,7 +9,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowrank.torch import add_lora
-from lowrank.torch.checkpoint import load_trainable, save_trainable
+from lowrank.torch.checkpoint import (
+    load_checkpoint,
+    load_trainable,
+    save_checkpoint,
+    save_trainable,
+    trainable_parameters,
+)
 
 
 def _data(n=48, features=6, classes=3, seed=0):
@@ -139,3 +146,41 @@ def test_a_save_replaces_what_the_last_one_wrote_and_keeps_the_log(tmp_path):
 def test_nothing_to_load_is_an_error_naming_the_folder(tmp_path):
     with pytest.raises(ValueError, match="holds neither adapter_config.json"):
         load_trainable(_model(), tmp_path)
+
+
+def test_a_head_trained_in_full_goes_into_the_adapter_file_and_comes_back(tmp_path):
+    # modules_to_save: the head is part of the adapter (PEFT's layout), not trainable.safetensors.
+    model = add_lora(_model(), ["0"], r=2, modules_to_save=["2"])
+    with torch.no_grad():
+        model[2].modules_to_save["default"].weight.add_(1.0)
+    save_trainable(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    fresh = load_trainable(_model(), tmp_path)
+    x = _collate(_data())[0]
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def _optimizer(model):
+    optimizer = torch.optim.AdamW(list(trainable_parameters(model).values()), lr=0.1)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def test_a_checkpoint_for_other_parameters_or_no_checkpoint_is_refused(tmp_path):
+    model = add_lora(_model(), ["0"], r=2, modules_to_save=["2"])
+    optimizer, scheduler = _optimizer(model)
+    model(_collate(_data())[0]).sum().backward()
+    optimizer.step()
+    save_checkpoint(model, tmp_path / "c", optimizer, scheduler, {"step": 1}, {})
+    other = add_lora(_model(), ["0"], r=2)  # no head trained in full
+    before = _state(other)
+    with pytest.raises(ValueError, match="other trainable parameters"):
+        load_checkpoint(other, tmp_path / "c", *_optimizer(other))
+    _assert_same(before, _state(other))
+    (tmp_path / "c" / "trainer_state.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read the checkpoint"):
+        load_checkpoint(other, tmp_path / "c", *_optimizer(other))
+    with pytest.raises(ValueError, match="is no training checkpoint"):
+        load_checkpoint(other, tmp_path, *_optimizer(other))

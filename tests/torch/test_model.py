@@ -1,28 +1,35 @@
 """Tests for lowrank.torch.model: add_lora (targets, patterns, validation), merge_lora /
-unmerge_lora / merged_copy on whole models, and count_parameters.
+unmerge_lora / merged_copy on whole models, count_parameters, and modules_to_save (added with
+add_lora, switched, disabled and deleted with their adapter).
 
 Oracles: the untouched base model, weights written out by hand, the LoRA paper's GPT-3
 parameter counts (built on the meta device).
 """
 
 import copy
+from collections import OrderedDict
 
 import pytest
 import torch
 from torch import nn
-from toy_models import ALL, make_block, randomize_adapters
+from toy_models import ALL, IDS, make_block, make_model, randomize_adapters
 from transformers.pytorch_utils import Conv1D
 
 from lowrank._validate import RankWarning
 from lowrank.torch import (
     Linear4bit,
     add_lora,
+    combine_adapters,
     count_parameters,
+    delete_adapter,
+    disable_adapters,
     lora_layers,
     merge_lora,
     merged_copy,
+    set_active_adapter,
     unmerge_lora,
 )
+from lowrank.torch.model import candidate_names
 
 
 @pytest.mark.parametrize("targets", [ALL, ["q_proj"], ["c_fc"], ["embed"]])
@@ -188,3 +195,78 @@ def test_qlora_counts_on_the_meta_device():
     assert count_parameters(model) == count_parameters(
         add_lora(make_block(), ["q_proj", "c_fc"], r=2)
     )
+
+
+# ---- modules_to_save: modules trained in full with the adapter ---------------------------------
+
+
+def test_modules_to_save_train_a_copy_and_leave_the_original(ids):
+    model = add_lora(make_block(), ["q_proj"], r=2, modules_to_save=["out"])
+    assert type(model.out).__name__ == "ModulesToSaveWrapper"
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable == [
+        "q_proj.A.default",
+        "q_proj.B.default",
+        "out.modules_to_save.default.weight",
+        "out.modules_to_save.default.bias",
+    ]
+    before = model(ids)
+    with torch.no_grad():
+        model.out.modules_to_save["default"].bias.add_(1.0)  # a trained head
+    assert torch.allclose(model(ids), before + 1.0)  # the copy runs, not the original
+    plain = merged_copy(model)  # the deployable model: the copy in place of the wrapper
+    assert type(plain.out) is nn.Linear
+    torch.testing.assert_close(plain(ids), model(ids), rtol=1e-6, atol=1e-6)
+    assert "out" not in [name for name, _ in lora_layers(model)]
+    assert all(not name.startswith("out.") for name in candidate_names(model))
+
+
+@pytest.mark.parametrize(
+    ("targets", "modules_to_save", "message"),
+    [
+        (["q_proj"], ["head"], "modules_to_save entry 'head' selects no module"),
+        (["q_proj"], ["q_proj"], "'q_proj' is a LoRA target and in modules_to_save"),
+        (["q_proj"], [""], "modules_to_save must be a list of module names"),
+        (["q_proj"], "out", "modules_to_save must be a list of module names"),
+    ],
+)
+def test_modules_to_save_are_checked_before_the_model_changes(targets, modules_to_save, message):
+    model = make_block()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=message):
+        add_lora(model, targets, r=2, modules_to_save=modules_to_save)
+    assert not list(lora_layers(model)) and type(model.out) is nn.Linear
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
+def test_a_module_holding_a_lora_layer_cannot_be_saved_in_full():
+    block = nn.Sequential(OrderedDict(a=nn.Linear(4, 4), b=nn.Linear(4, 2)))
+    model = add_lora(nn.Sequential(OrderedDict(block=block)), ["block.a"], r=1)
+    with pytest.raises(ValueError, match="'block.a' is a LoRA target and in modules_to_save"):
+        add_lora(model, ["block.b"], r=1, adapter_name="b", modules_to_save=["block"])
+
+
+def test_each_adapters_head_switches_disables_and_goes_with_it():
+    # Oracle: the original head and each adapter's own copy, run by hand.
+    model = add_lora(make_model(), ["1"], r=2, modules_to_save=["4"])
+    add_lora(model, ["1"], r=2, adapter_name="b", modules_to_save=["4"])
+    head = model[4]
+    with torch.no_grad():
+        head.modules_to_save["default"].bias.fill_(1.0)
+        head.modules_to_save["b"].bias.fill_(-1.0)
+    hidden = model[:4](IDS)  # what reaches the head, (batch, seq, 6): no LoRA update yet (B=0)
+    torch.testing.assert_close(model(IDS), head.modules_to_save["default"](hidden))
+    set_active_adapter(model, "b")
+    torch.testing.assert_close(model(IDS), head.modules_to_save["b"](hidden))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["1.A.b", "1.B.b", "4.modules_to_save.b.weight", "4.modules_to_save.b.bias"]
+    with disable_adapters(model):
+        torch.testing.assert_close(model(IDS), head.original_module(hidden))
+        assert not any(p.requires_grad for p in model.parameters())
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable
+    with pytest.raises(ValueError, match="train '4' in full"):
+        combine_adapters(model, ["default", "b"], [0.5, 0.5], "mix", combination="cat")
+    delete_adapter(model, "b")
+    assert list(head.modules_to_save) == ["default"] and head.active_adapter is None
+    delete_adapter(model, "default")
+    assert type(model[4]) is nn.Linear and model[4] is head.original_module

@@ -128,3 +128,36 @@ def test_pattern_keys_for_nested_names_select_one_layer_in_peft(tmp_path):
     torch.testing.assert_close(theirs(x), ours(x), rtol=1e-6, atol=1e-6)
     again = load_adapter(nested(), tmp_path)
     torch.testing.assert_close(again(x), ours(x), rtol=0, atol=0)
+
+
+# ---- modules_to_save -----------------------------------------------------------------------------
+
+
+def test_a_module_trained_in_full_is_saved_under_its_own_name_as_peft_saves_it(tmp_path):
+    model = add_lora(make_model(), ["1", "3"], r=2, modules_to_save=["4"])
+    with torch.no_grad():
+        model[4].modules_to_save["default"].bias.fill_(0.5)
+    save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["4"]
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert torch.equal(
+        tensors["base_model.model.4.bias"], torch.full((4,), 0.5, dtype=torch.float64)
+    )
+    assert tensors["base_model.model.4.weight"].shape == (4, 6)
+    assert not any("modules_to_save" in key for key in tensors)  # no in-memory names
+    second = add_lora(model, ["1"], r=1, adapter_name="b")  # no copies: none listed
+    save_adapter(second, tmp_path / "b", "b")
+    assert (
+        json.loads((tmp_path / "b" / "adapter_config.json").read_text())["modules_to_save"] is None
+    )
+
+
+def test_a_name_peft_would_read_as_more_modules_is_refused_on_saving(tmp_path):
+    # PEFT selects a module whose name ends with an entry: "0" would also select "10".
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(4, 4) for _ in range(11)))
+    add_lora(model, ["1"], r=1, modules_to_save=["0"])
+    with pytest.raises(ValueError, match="would also select '10' in PEFT"):
+        save_adapter(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()

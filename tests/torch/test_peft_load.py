@@ -1,6 +1,6 @@
 """Tests for lowrank.torch.peft_load (and the reading and checking of the files in
 peft_format): validate-then-apply loading, what a file may change, rollback on failure. (PEFT
-itself is the oracle in tests/interop/test_peft.py.)
+itself is the oracle in tests/interop/test_peft.py, modules_to_save included.)
 
 Oracles: the files' raw contents (JSON, safetensors read directly), the untouched model.
 """
@@ -9,6 +9,7 @@ import copy
 import json
 import re
 import time
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from lowrank.torch import (
     save_adapter,
     set_active_adapter,
 )
+from lowrank.torch.modules_to_save import ModulesToSaveWrapper
 
 # Wall time of a call whose deadline is ~1 s (TIME_LIMIT_S, and the error message, pin that).
 # The bound only tells "ended" from "hung" (re takes hours on these patterns), so it is
@@ -158,11 +160,125 @@ def test_a_base_weight_in_the_file_is_refused(tmp_path, key):
     assert_refused(folder, f"unexpected key {re.escape(key)}")
 
 
-def test_modules_to_save_is_refused_by_name(tmp_path):
-    key = "base_model.model.4.modules_to_save.default.weight"
-    assert_refused(saved(tmp_path, lambda t: t.update({key: torch.zeros(4, 6)})), "modules_to_save")
-    config = saved(tmp_path, config_edit=lambda c: c.update(modules_to_save=["4"]))
-    assert_refused(config, "modules_to_save")
+def with_head(tmp_path, edit=None, config_edit=None):
+    """An adapter folder of make_model's layers 0, 1, 3 (r=2) with layer 4 trained in full
+    (modules_to_save), edited; and the model that saved it."""
+    source = add_lora(make_model(), ["0", "1", "3"], r=2, modules_to_save=["4"])
+    randomize(source, "default", 6)
+    with torch.no_grad():
+        source[4].modules_to_save["default"].weight.add_(1.0)  # as if trained
+    save_adapter(source, tmp_path)
+    if edit is not None:
+        corrupt(tmp_path, edit)
+    if config_edit is not None:
+        path = tmp_path / "adapter_config.json"
+        config = json.loads(path.read_text())
+        config_edit(config)
+        path.write_text(json.dumps(config))
+    return tmp_path, source
+
+
+def test_modules_to_save_load_with_identical_outputs_and_overwrite_a_copy(tmp_path):
+    folder, source = with_head(tmp_path)
+    assert json.loads((folder / "adapter_config.json").read_text())["modules_to_save"] == ["4"]
+    keys = load_file(folder / "adapter_model.safetensors")
+    assert {"base_model.model.4.weight", "base_model.model.4.bias"} <= set(keys)  # PEFT's keys
+    loaded = load_adapter(make_model(), folder)
+    assert isinstance(loaded[4], ModulesToSaveWrapper) and loaded[4].active_adapter == "default"
+    torch.testing.assert_close(loaded(IDS), source(IDS), rtol=0, atol=0)
+    assert loaded[4].modules_to_save["default"].weight.requires_grad  # trains, as added
+    assert not loaded[4].original_module.weight.requires_grad
+    # into the same adapter again (its copy is overwritten), and under a second name
+    target = add_lora(make_model(), ["0", "1", "3"], r=2, modules_to_save=["4"])
+    load_adapter(target, folder)
+    torch.testing.assert_close(target(IDS), source(IDS), rtol=0, atol=0)
+    load_adapter(target, folder, adapter_name="other")
+    assert sorted(target[4].modules_to_save) == ["default", "other"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "config_edit", "message"),
+    [
+        (lambda t: t.pop("base_model.model.4.bias"), None, r"missing base_model.model.4.bias"),
+        (
+            lambda t: t.update({"base_model.model.4.weight": torch.zeros(4, 7)}),
+            None,
+            r"base_model.model.4.weight: shape \(4, 7\), the model's is \(4, 6\)",
+        ),
+        (  # PEFT's in-memory name is no file key
+            lambda t: t.update({"base_model.model.4.modules_to_save.default.bias": torch.ones(4)}),
+            None,
+            "unexpected key base_model.model.4.modules_to_save.default.bias",
+        ),
+        (  # a module the config does not list
+            lambda t: t.update({"base_model.model.3.bias": torch.ones(6, dtype=torch.float64)}),
+            None,
+            "unexpected key base_model.model.3.bias",
+        ),
+        (  # the config no longer lists the head: its tensors are foreign
+            None,
+            lambda c: c.update(modules_to_save=None),
+            "unexpected key base_model.model.4",
+        ),
+        (None, lambda c: c.update(modules_to_save="4"), "modules_to_save must be null or a list"),
+        (None, lambda c: c.update(modules_to_save=[""]), "modules_to_save must be null or a list"),
+        (  # PEFT leaves a module to save out of the targets: its factors are then foreign
+            None,
+            lambda c: c.update(target_modules=["0", "1", "3"], modules_to_save=["4", "3"]),
+            r"missing base_model.model.3.weight|'3' is a LoRA target and in modules_to_save",
+        ),
+    ],
+)
+def test_a_modules_to_save_file_that_does_not_fit_changes_nothing(
+    tmp_path, edit, config_edit, message
+):
+    folder, _ = with_head(tmp_path, edit, config_edit)
+    for model in (make_model(), add_lora(make_model(), ["0", "1", "3"], r=2)):
+        before = state(model)
+        with pytest.raises(ValueError, match=message):
+            load_adapter(model, folder)
+        assert_same_state(before, state(model))
+        assert not any(isinstance(m, ModulesToSaveWrapper) for m in model.modules())
+
+
+def test_a_module_to_save_that_carries_lora_or_nests_is_refused(tmp_path):
+    folder, _ = with_head(tmp_path)
+    model = two_adapters()  # adapter "b" has LoRA on layer 4
+    before = state(model)
+    with pytest.raises(ValueError, match="'4' is a LoRA target and in modules_to_save"):
+        load_adapter(model, folder, adapter_name="new")
+    assert_same_state(before, state(model))
+
+    def nested():
+        torch.manual_seed(0)
+        head = nn.Sequential(OrderedDict(dense=nn.Linear(4, 4), out=nn.Linear(4, 2)))
+        return nn.Sequential(OrderedDict(q=nn.Linear(4, 4), head=head))
+
+    save_adapter(add_lora(nested(), ["q"], r=1, modules_to_save=["head"]), tmp_path / "n")
+    path = tmp_path / "n" / "adapter_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"modules_to_save": ["head", "out"]}))
+    model = nested()
+    before = state(model)
+    with pytest.raises(ValueError, match="selects 'head.out' inside 'head'"):
+        load_adapter(model, tmp_path / "n")
+    assert_same_state(before, state(model))
+
+
+def test_a_failure_after_the_head_is_wrapped_is_rolled_back(tmp_path, monkeypatch):
+    folder, _ = with_head(tmp_path)
+    model = add_lora(make_model(), ["1"], r=3, adapter_name="kept")
+    before = state(model)
+    original = peft_load.install_copies
+
+    def install_then_fail(*args, **kwargs):
+        original(*args, **kwargs)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(peft_load, "install_copies", install_then_fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        load_adapter(model, folder)
+    assert_same_state(before, state(model))
+    assert not any(isinstance(m, ModulesToSaveWrapper) for m in model.modules())
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """lowrank.torch.train: the loop against a hand-written one (torch.optim.AdamW, transformers'
-schedule, clip_grad_norm_), accumulation against one big batch, logging, saving, errors.
+schedules, clip_grad_norm_), accumulation against one big batch, logging, saving, checkpoints
+and resuming (against the uninterrupted run), errors.
 (save_trainable / load_trainable on their own: test_checkpoint.py.)"""
 
 import json
@@ -11,7 +12,13 @@ from torch import nn
 
 from lowrank.torch import add_lora
 from lowrank.torch.checkpoint import load_trainable
-from lowrank.torch.train import TrainConfig, cosine_with_warmup, train
+from lowrank.torch.train import (
+    SCHEDULES,
+    TrainConfig,
+    cosine_with_warmup,
+    linear_with_warmup,
+    train,
+)
 
 
 def _data(n=48, features=6, classes=3, seed=0):
@@ -50,6 +57,101 @@ def test_schedule_matches_transformers():
         )
         optimizer.step()
         scheduler.step()
+
+
+@pytest.mark.parametrize(
+    ("schedule", "oracle"),
+    [
+        ("linear", "get_linear_schedule_with_warmup"),
+        ("constant", "get_constant_schedule_with_warmup"),
+    ],
+)
+def test_the_other_schedules_match_transformers(schedule, oracle):
+    # Oracle: transformers' schedule of the same name, at every step, through a real run's
+    # logged learning rates (warmup_steps given, so the ratio is not used).
+    import transformers
+
+    parameter = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    if schedule == "constant":
+        theirs = getattr(transformers, oracle)(optimizer, num_warmup_steps=7)
+    else:
+        theirs = getattr(transformers, oracle)(optimizer, 7, 50)
+    ours = SCHEDULES[schedule]
+    for step in range(50):
+        assert ours(step, 50, 7) == pytest.approx(theirs.get_last_lr()[0], abs=1e-12)
+        optimizer.step()
+        theirs.step()
+
+
+def test_warmup_steps_and_schedule_reach_the_optimizer(tmp_path):
+    config = TrainConfig(
+        epochs=2,
+        batch_size=8,
+        lr=0.1,
+        schedule="linear",
+        warmup_steps=3,
+        progress=False,
+        device="cpu",
+        out_dir=str(tmp_path),
+    )
+    train(_model(), _data(), config, loss_fn=_loss, collate=_collate)
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    lrs = [line["lr"] for line in lines if line["event"] == "step"]  # 12 steps
+    assert lrs == pytest.approx([0.1 * linear_with_warmup(s, 12, 3) for s in range(12)])
+
+
+@pytest.mark.parametrize("resume_at", [2, 6, 7], ids=["mid-epoch", "epoch-end", "epoch-2"])
+def test_a_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path, resume_at):
+    # Oracle: the uninterrupted run, to the bit: 48 examples, micro-batches of 4, 2 per step
+    # (6 steps per epoch), 2 epochs, dropout in the model, weight decay, a cosine schedule.
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Linear(6, 16), nn.Dropout(0.3), nn.Tanh(), nn.Linear(16, 3)
+        ).double()
+
+    def config(out, **more):
+        return TrainConfig(
+            epochs=2,
+            batch_size=4,
+            grad_accum_steps=2,
+            lr=0.05,
+            weight_decay=0.01,
+            seed=5,
+            progress=False,
+            device="cpu",
+            out_dir=str(out),
+            **more,
+        )
+
+    evaluate = lambda m: {"loss": _loss(m, _collate(_data())).item()}  # noqa: E731
+    whole = model()
+    first = train(
+        whole,
+        _data(),
+        config(tmp_path / "a", save_steps=1),
+        loss_fn=_loss,
+        collate=_collate,
+        evaluate=evaluate,
+    )
+    again = model()
+    resumed = train(
+        again,
+        _data(),
+        config(tmp_path / "b", resume_from=str(tmp_path / "a" / f"checkpoint-{resume_at}")),
+        loss_fn=_loss,
+        collate=_collate,
+        evaluate=evaluate,
+    )
+    for a, b in zip(whole.parameters(), again.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert resumed.losses == first.losses and resumed.evals == first.evals
+    assert resumed.steps == first.steps == 12
+    with pytest.raises(ValueError, match=r"cannot resume .*lr 0.05 -> 0.1"):
+        bad = config(tmp_path / "c", resume_from=str(tmp_path / "a" / "checkpoint-2"))
+        bad.lr = 0.1
+        train(model(), _data(), bad, loss_fn=_loss, collate=_collate)
 
 
 @pytest.mark.parametrize("batch_size, grad_accum_steps", [(8, 1), (4, 2)])
@@ -149,6 +251,12 @@ def test_errors():
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="warmup_ratio"):
         TrainConfig(warmup_ratio=1.0)
+    with pytest.raises(ValueError, match="warmup_steps must be a non-negative int"):
+        TrainConfig(warmup_steps=-1)
+    with pytest.raises(ValueError, match="save_steps must be a positive int"):
+        TrainConfig(save_steps=0)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        TrainConfig(schedule="step")
     model = _model().requires_grad_(False)
     config = TrainConfig(progress=False, device="cpu")
     with pytest.raises(ValueError, match="no parameters that require grad"):
