@@ -45,6 +45,7 @@ from .model import (
     merged_copy,
     unmerge_lora,
 )
+from .modules_to_save import ModulesToSaveWrapper
 from .peft_format import adapter_config, lora_state_dict, save_adapter
 from .peft_load import load_adapter
 from .qlora import Linear4bit
