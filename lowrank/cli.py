@@ -155,58 +155,160 @@ def _add_demo(commands) -> None:
 
 
 def _add_finetune(commands) -> None:
+    def fraction(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0  # refused below, with the text as given
+        if not 0 <= value < 1:
+            raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {text!r}")
+        return value
+
     finetune = commands.add_parser(
         "finetune", help="fine-tune a Hugging Face model on your JSONL data (full, LoRA, QLoRA)"
     )
-    finetune.add_argument("model", help="Hugging Face model name (cached) or local folder")
-    finetune.add_argument(
-        "data", help='JSONL: {"text"}, {"prompt", "completion"} or {"text", "label"} per line'
-    )
-    finetune.add_argument("--method", choices=METHODS, default="lora", help=_METHODS_HELP)
-    finetune.add_argument("--r", type=_positive_int, default=8, help="LoRA rank")
-    finetune.add_argument(
-        "--alpha", type=_positive_number, default=16.0, help="LoRA alpha (scale = alpha / r)"
-    )
-    finetune.add_argument(
+    add = finetune.add_argument
+    add("model", help="Hugging Face model name (cached) or local folder")
+    add("data", help='JSONL: {"text"}, {"prompt", "completion"} or {"text", "label"} per line')
+    add("--method", choices=METHODS, default="lora", help=_METHODS_HELP)
+    add("--r", type=_positive_int, default=8, help="LoRA rank")
+    add("--alpha", type=_positive_number, default=16.0, help="LoRA alpha (scale = alpha / r)")
+    add("--dropout", type=fraction, default=0.0, help="dropout on the adapters' input")
+    add(
         "--targets",
         type=_layer_names,
         help=_TARGETS_HELP + "the query and value projections for lora, all-linear for qlora)",
     )
-    finetune.add_argument("--epochs", type=_positive_int, default=1, help="passes over the data")
-    finetune.add_argument("--batch-size", type=_positive_int, default=8, help="examples per step")
-    finetune.add_argument(
+    add("--epochs", type=_positive_int, default=1, help="passes over the data")
+    add("--batch-size", type=_positive_int, default=8, help="examples per micro-batch")
+    add(
+        "--grad-accum-steps",
+        type=_positive_int,
+        default=1,
+        help="micro-batches per optimizer step (a step sees batch-size x this many rows)",
+    )
+    add(
         "--lr",
         type=_positive_number,
         help="peak learning rate (default: 2e-5 for full, 2e-4 for lora and qlora)",
     )
-    finetune.add_argument(
-        "--out", type=_output_folder, default="runs/finetune", help="output folder"
+    add(
+        "--schedule",
+        choices=("cosine", "linear", "constant"),
+        default="cosine",
+        help="learning rate after warmup: cosine or linear decay to 0, or constant",
     )
+    add("--warmup-ratio", type=fraction, default=0.06, help="share of the steps spent warming up")
+    add(
+        "--warmup-steps",
+        type=_non_negative_int,
+        help="optimizer steps of warmup, instead of --warmup-ratio (default: the ratio)",
+    )
+    add("--max-length", type=_positive_int, default=256, help="tokens kept per row")
+    evaluation = finetune.add_mutually_exclusive_group()
+    evaluation.add_argument(
+        "--eval-split",
+        type=fraction,
+        default=0.0,
+        help="share of the rows held out (seeded) and scored after each epoch: accuracy for "
+        "labels, loss and perplexity for text; 0: no evaluation",
+    )
+    evaluation.add_argument(
+        "--eval-file", help="a JSONL file of the same format to score instead (default: none)"
+    )
+    add(
+        "--seed",
+        type=_non_negative_int,
+        default=0,
+        help="seeds the head and adapter initialisation, dropout, data order and split",
+    )
+    add(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        help="bfloat16 autocast (default: on with a CUDA GPU, off on a CPU; --bf16 without "
+        "CUDA is refused: CPU bfloat16 autocast is slower than float32 on most CPUs)",
+    )
+    add(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute each block's activations in the backward pass: less memory, about "
+        "one more forward pass per step",
+    )
+    add(
+        "--save-steps",
+        type=_positive_int,
+        help="write a resumable checkpoint to OUT/checkpoint-<step> every this many steps "
+        "(default: none)",
+    )
+    add(
+        "--resume",
+        metavar="FOLDER",
+        help="continue the run that wrote this checkpoint folder, with the same options "
+        "(default: start afresh)",
+    )
+    add("--out", type=_output_folder, default="runs/finetune", help="output folder")
     finetune.set_defaults(run=_job("finetune"))
 
 
 def _add_estimate(commands) -> None:
+    from lowrank.memory import parse_gpu_memory  # framework-free: no torch at parse time
+
+    def gpu_size(text: str) -> int:
+        try:
+            return parse_gpu_memory(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error).removeprefix("GPU memory ")) from None
+
     estimate = commands.add_parser(
         "estimate", help="training memory from a Hugging Face config.json alone (no weights)"
     )
-    estimate.add_argument("config", help="config.json or a model folder")
-    estimate.add_argument("--method", choices=METHODS, default="qlora", help=_METHODS_HELP)
-    estimate.add_argument("--batch-size", type=_positive_int, default=1, help="sequences per step")
-    estimate.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per sequence")
-    estimate.add_argument("--r", type=_positive_int, default=8, help="LoRA rank")
-    estimate.add_argument(
-        "--targets", type=_layer_names, help=_TARGETS_HELP + "the query and value projections)"
+    add = estimate.add_argument
+    add("config", help="config.json or a model folder")
+    add("--method", choices=METHODS, default="qlora", help=_METHODS_HELP)
+    add("--batch-size", type=_positive_int, default=1, help="sequences per step")
+    add("--seq-len", type=_positive_int, default=512, help="tokens per sequence")
+    add("--r", type=_positive_int, default=8, help="LoRA rank")
+    add(
+        "--targets",
+        type=_layer_names,
+        help=_TARGETS_HELP + "the method's, as lowrank finetune uses: every linear layer for "
+        "qlora, the query and value projections for lora)",
     )
-    estimate.add_argument(
+    add(
         "--dtype",
         choices=FLOAT_DTYPES,
         default="bf16",
-        help="storage of the activations and of the weights that are not 4-bit",
+        help="storage of the activations and of the weights that are not 4-bit (with "
+        "--measure, the model is built in it)",
     )
-    estimate.add_argument(
+    add(
         "--gradient-checkpointing",
         action="store_true",
-        help="keep one activation per layer, recompute the rest in the backward pass",
+        help="keep one activation per layer, recompute the rest in the backward pass (the "
+        "other setting's total is printed too)",
+    )
+    add(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="where the step runs: it decides the attention kernel (on a CPU, attention "
+        "dropout falls back to the unfused kernel that keeps seq x seq scores) and, with "
+        "--measure, where the model is measured",
+    )
+    add(
+        "--gpu",
+        type=gpu_size,
+        metavar="SIZE",
+        help="also print the largest batch that fits a GPU of this size, e.g. 24GB or 80GB "
+        "(GB = GiB: GPU memory comes in binary sizes, a 24 GB card holds 24 GiB; default: "
+        "none, not asked)",
+    )
+    add(
+        "--measure",
+        action="store_true",
+        help="also build the model from the config with random weights, train 2 steps in a "
+        "fresh process on --device, and print the measured peak with an itemised receipt "
+        "next to the estimate (small models; needs torch and transformers)",
     )
     estimate.set_defaults(run=_job("estimate"))
 

@@ -9,8 +9,10 @@ Names. `TransformerShape.linear_shapes()` calls one block's linear layers q, k, 
 paper's W_q, W_k, W_v, W_o), gate, up and down, or qkv where the model fuses the three
 attention projections in one matrix (GPT-2's c_attn). `HF_LINEAR_NAMES` maps each family's
 Hugging Face layer names onto these keys; `DEFAULT_TARGETS` holds the layers PEFT adapts by
-default, the LoRA paper's W_q and W_v; `MODEL_FAMILIES` maps each Hugging Face `model_type`
-that `config_to_shape` reads onto its family ("llama", "gpt2", "bert").
+default, the LoRA paper's W_q and W_v; `method_default_targets` is the one default that
+`lowrank estimate` and `lowrank finetune` share (LoRA: `DEFAULT_TARGETS`; QLoRA: `ALL_LINEAR`,
+every linear layer of the blocks, the QLoRA paper's recipe); `MODEL_FAMILIES` maps each Hugging
+Face `model_type` that `config_to_shape` reads onto its family ("llama", "gpt2", "bert").
 
 Presets: `GPT3_175B`, `ROBERTA_BASE`, `ROBERTA_LARGE`, `LLAMA_7B` and `LLAMA_65B`.
 """
@@ -20,9 +22,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowrank._validate import check_int
+from lowrank._validate import METHODS, check_choice, check_int
 
 __all__ = [
+    "ALL_LINEAR",
     "DEFAULT_TARGETS",
     "GPT3_175B",
     "HF_LINEAR_NAMES",
@@ -34,6 +37,7 @@ __all__ = [
     "TransformerShape",
     "config_to_shape",
     "hf_linear_shapes",
+    "method_default_targets",
     "read_config",
 ]
 
@@ -186,6 +190,41 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra"], ["query", "value"]),
     **dict.fromkeys(["gpt_neox", "falcon", "bloom"], ["query_key_value"]),
 }
+
+# Every linear layer of the blocks (not the embeddings, not the output or classification head).
+ALL_LINEAR = "all-linear"
+
+
+def method_default_targets(method: str, model_type: str) -> list[str] | str:
+    """The layers `method` adapts when none are named, shared by `lowrank estimate` and
+    `lowrank finetune`: "qlora" every linear layer (`ALL_LINEAR`; the QLoRA paper, Dettmers et
+    al. 2023, arXiv:2305.14314, section 4, finds adapters on all of them necessary to match
+    16-bit fine-tuning), "lora" the query and value projections (`DEFAULT_TARGETS`, the LoRA
+    paper's W_q and W_v, Hu et al. 2021, arXiv:2106.09685, section 7.1), "full" none ([]).
+
+    Raises ValueError for "lora" on a `model_type` without a known default.
+
+    Examples:
+        >>> from lowrank.shapes import method_default_targets
+        >>> method_default_targets("qlora", "llama"), method_default_targets("lora", "llama")
+        ('all-linear', ['q_proj', 'v_proj'])
+        >>> method_default_targets("lora", "t5")
+        Traceback (most recent call last):
+        ...
+        ValueError: no default LoRA targets for model_type 't5' (known: bert, ...); name the ...
+    """
+    check_choice("method", method, METHODS)
+    if method == "full":
+        return []
+    if method == "qlora":
+        return ALL_LINEAR
+    if model_type not in DEFAULT_TARGETS:
+        raise ValueError(
+            f"no default LoRA targets for model_type {model_type!r} (known: "
+            f"{', '.join(sorted(DEFAULT_TARGETS))}); name the targets or use {ALL_LINEAR}"
+        )
+    return list(DEFAULT_TARGETS[model_type])
+
 
 # model_type -> family, for the model types `config_to_shape` reads.
 MODEL_FAMILIES: dict[str, str] = {
