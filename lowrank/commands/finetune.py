@@ -48,12 +48,12 @@ from lowrank.commands.finetune_data import (
     tokenize_rows,
 )
 from lowrank.data import read_jsonl
+from lowrank.shapes import ALL_LINEAR, method_default_targets
 from lowrank.torch import (
     TrainConfig,
     TrainResult,
     add_lora,
     all_linear_targets,
-    default_targets,
     load_model,
     load_tokenizer,
     prepare_for_kbit_training,
@@ -308,8 +308,9 @@ def finetune(
         model.requires_grad_(True)
     else:
         if targets is None:
-            targets = "all-linear" if method == "qlora" else default_targets(model)
-        if targets == "all-linear" or targets == ["all-linear"]:
+            # the one default `lowrank estimate` uses too: qlora every linear layer, lora q and v
+            targets = method_default_targets(method, getattr(model.config, "model_type", None))
+        if targets in (ALL_LINEAR, [ALL_LINEAR]):
             targets = all_linear_targets(model)
         if isinstance(targets, list):  # a head trains in full, never through LoRA
             targets = [t for t in targets if not any(t.startswith(h + ".") for h in heads)]
