@@ -19,7 +19,6 @@ output captured when the site is built.
 
 import argparse
 import textwrap
-import time
 
 import numpy as np
 
@@ -128,9 +127,7 @@ def _bits(smoke: bool) -> list[str]:
     measured = {}
     for double_quant in (True, False):
         q = quantize_4bit(weight, double_quant=double_quant)
-        stored = q.packed.nbytes + q.absmax.nbytes
-        if double_quant:
-            stored += q.absmax2.nbytes + np.float32(q.offset).nbytes
+        stored = q.nbytes  # codes, scales and, with double quantization, theirs and the offset
         measured[double_quant] = 8 * stored / weight.size
         lines.append(
             f"Measured ({side}x{side} float32 weight, double_quant={double_quant}): "
@@ -244,23 +241,22 @@ def _latency(smoke: bool) -> list[str]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from lowrank.data import vader_word_sentiment
-    from lowrank.torch import add_lora, collate_token_ids, lora_layers, merge_lora, unmerge_lora
+    from lowrank.torch import add_lora, collate_token_ids, lora_layers, merged_copy
     from lowrank.torch.hf import load_model, load_tokenizer, minilm_path, tokenize_examples
 
-    from .demo_checks import compare_timings
+    from .demo_checks import compare_timings, time_interleaved
 
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: other processes on the cores hit all models alike
     words = vader_word_sentiment(n_train=64, n_test=1).train_texts
     tokenizer = load_tokenizer(minilm_path())
     batch = collate_token_ids(tokenize_examples(tokenizer, [(w, 0) for w in words]))
     base = load_model(minilm_path()).eval()
-    adapted = load_model(minilm_path()).eval()
-    add_lora(adapted, ["query", "value"], r=8, alpha=16)
-    for _, layer in lora_layers(adapted):  # a trained-looking adapter: B is no longer zero
+    unmerged = load_model(minilm_path()).eval()
+    add_lora(unmerged, ["query", "value"], r=8, alpha=16)
+    for _, layer in lora_layers(unmerged):  # a trained-looking adapter: B is no longer zero
         for weight in layer.B.values():
             torch.nn.init.normal_(weight, std=0.02)
+    merged = merged_copy(unmerged)  # the base architecture, W + scale * B A in each layer
 
     def forward(model):
         with torch.no_grad():
@@ -271,21 +267,15 @@ def _latency(smoke: bool) -> list[str]:
             forward(model)
         return counter.get_total_flops()
 
-    unmerged_out, unmerged_flops = forward(adapted), flops(adapted)
-    merge_lora(adapted)
-    merged_out, merged_flops, base_flops = forward(adapted), flops(adapted), flops(base)
-    seconds = {"base": [], "merged": [], "unmerged": []}
-    for _ in range(5 if smoke else 30):  # interleaved, medians
-        for name, model in (("base", base), ("merged", adapted)):
-            start = time.perf_counter()
-            forward(model)
-            seconds[name].append(time.perf_counter() - start)
-        unmerge_lora(adapted)
-        start = time.perf_counter()
-        forward(adapted)
-        seconds["unmerged"].append(time.perf_counter() - start)
-        merge_lora(adapted)
-    torch.set_num_threads(threads)
+    base_flops, merged_flops, unmerged_flops = flops(base), flops(merged), flops(unmerged)
+    merged_out, unmerged_out = forward(merged), forward(unmerged)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: other processes on the cores hit all models alike
+    try:
+        models = {"base": base, "merged": merged, "unmerged": unmerged}
+        seconds = time_interleaved(models, batch, rounds=5 if smoke else 30)
+    finally:
+        torch.set_num_threads(threads)
     timing = compare_timings(seconds, reference="base")  # IQR overlap: "no measurable difference"
     difference = (merged_out - unmerged_out).abs().max().item()
     return [
