@@ -243,6 +243,7 @@ def _latency(smoke: bool) -> list[str]:
     from lowrank.data import vader_word_sentiment
     from lowrank.torch import add_lora, collate_token_ids, lora_layers, merged_copy
     from lowrank.torch.hf import load_model, load_tokenizer, minilm_path, tokenize_examples
+    from lowrank.torch.train import torch_threads
 
     from .demo_checks import compare_timings, time_interleaved
 
@@ -269,13 +270,9 @@ def _latency(smoke: bool) -> list[str]:
 
     base_flops, merged_flops, unmerged_flops = flops(base), flops(merged), flops(unmerged)
     merged_out, unmerged_out = forward(merged), forward(unmerged)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: other processes on the cores hit all models alike
-    try:
-        models = {"base": base, "merged": merged, "unmerged": unmerged}
+    models = {"base": base, "merged": merged, "unmerged": unmerged}
+    with torch_threads(1):  # one thread: other processes on the cores hit all models alike
         seconds = time_interleaved(models, batch, rounds=5 if smoke else 30)
-    finally:
-        torch.set_num_threads(threads)
     timing = compare_timings(seconds, reference="base")  # IQR overlap: "no measurable difference"
     difference = (merged_out - unmerged_out).abs().max().item()
     return [

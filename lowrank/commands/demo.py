@@ -82,7 +82,7 @@ from lowrank.torch import (
 )
 from lowrank.torch.agreement import numpy_torch_agreement
 from lowrank.torch.measure import PeakMemory
-from lowrank.torch.train import default_device
+from lowrank.torch.train import default_device, torch_threads
 
 from .demo_checks import merge_check, rank_r_agreement, update_ranks
 from .demo_report import format_summary, write_report
@@ -239,13 +239,8 @@ def run_demo(
     """
     config = config or DemoConfig()
     device = default_device()
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
+    with torch_threads(1 if device.type == "cpu" else torch.get_num_threads()):
         return _run_demo(config, device, Path(out_dir))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run_demo(config: DemoConfig, device: torch.device, out_dir: Path) -> dict:

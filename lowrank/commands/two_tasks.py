@@ -45,7 +45,7 @@ from lowrank.torch import (
     tokenize_examples,
     train,
 )
-from lowrank.torch.train import default_device
+from lowrank.torch.train import default_device, torch_threads
 
 __all__ = ["TwoTasksConfig", "run_two_tasks", "format_two_tasks"]
 
@@ -113,13 +113,9 @@ def run_two_tasks(
     """
     config = config or (TwoTasksConfig.smoke() if smoke else TwoTasksConfig())
     device = default_device()
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # small batches: threads only wait for each other (see demo)
-    try:
+    # small batches: on a CPU, threads only wait for each other (`torch_threads`)
+    with torch_threads(1 if device.type == "cpu" else torch.get_num_threads()):
         return _run(config, device)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(config: TwoTasksConfig, device: torch.device) -> dict[str, float | bool | int]:

@@ -49,7 +49,8 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,7 @@ __all__ = [
     "TrainResult",
     "seed_everything",
     "default_device",
+    "torch_threads",
     "cosine_with_warmup",
     "linear_with_warmup",
     "constant_with_warmup",
@@ -190,6 +192,31 @@ def default_device() -> torch.device:
         True
     """
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with `n` torch CPU threads, then restore the previous count (on error too).
+
+    The demos and timings compute on small batches: there, threads only wait for each other,
+    and on cores other processes share, 2 threads made a MiniLM step 30x slower (measured).
+
+    Examples:
+        >>> import torch
+        >>> from lowrank.torch.train import torch_threads
+        >>> before = torch.get_num_threads()
+        >>> with torch_threads(1):
+        ...     torch.get_num_threads()
+        1
+        >>> torch.get_num_threads() == before
+        True
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int) -> float:
