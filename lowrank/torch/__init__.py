@@ -18,10 +18,10 @@ from .analysis import (
     subspace_similarity,
     subspace_similarity_grid,
 )
-from .factored import factored_best_rank_r, factored_core, factored_svd
 from .bnb_format import from_bnb_state_dict, to_bnb_state_dict
 from .checkpoint import load_trainable, save_trainable
 from .codebooks import dynamic_map, fp4_code, int4_code, nf4_code
+from .factored import factored_best_rank_r, factored_core, factored_svd
 from .hf import (
     MeanPoolClassifier,
     accuracy,

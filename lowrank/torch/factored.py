@@ -26,7 +26,9 @@ def _check_factors(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torc
     return B, A
 
 
-def factored_core(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def factored_core(
+    B: torch.Tensor, A: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Q_B, core, Q_A) with B @ A = Q_B @ core @ Q_A.T and orthonormal columns in Q_B, Q_A.
 
     B: (out, r), A: (r, in) -> Q_B (out, k_B), core (k_B, k_A), Q_A (in, k_A), where
@@ -47,7 +49,9 @@ def factored_core(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch
     return Q_B, R_B @ R_A.T, Q_A  # (k_B, r) @ (r, k_A) -> (k_B, k_A)
 
 
-def factored_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def factored_svd(
+    B: torch.Tensor, A: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A thin SVD (U, s, Vh) of B @ A computed from the factors: s descending, float64.
 
     B: (out, r), A: (r, in) -> U (out, k), s (k,), Vh (k, in) with k = min(out, in, r);
@@ -67,7 +71,9 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.
     return Q_B @ U_c, s, Vh_c @ Q_A.T  # (out, k), (k,), (k, in)
 
 
-def factored_best_rank_r(B: torch.Tensor, A: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+def factored_best_rank_r(
+    B: torch.Tensor, A: torch.Tensor, r: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors (B_r (out, r), A_r (r, in)) of the best rank-r approximation of B @ A, float64.
 
     Eckart-Young: ||B @ A - B_r @ A_r||_F = sqrt(sum_{i > r} s_i^2). The singular values are
