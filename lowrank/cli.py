@@ -326,6 +326,209 @@ def _add_claims(commands) -> None:
     claims.set_defaults(run=_job("claims"))
 
 
+_SOURCE_FORMATS = ("peft", "mlx-lm", "loralib")  # lowrank.torch.adapter_files.FORMATS
+_CONVENTIONS = ("alpha/r", "alpha", "none")  # lowrank.torch.adapter_files.CONVENTIONS
+
+
+def _add_source_options(add) -> None:
+    """--from, --convention, --alpha, --base: how `inspect` and `convert` read an adapter."""
+    add(
+        "--from",
+        dest="format",
+        choices=_SOURCE_FORMATS,
+        help="the adapter's format (default: detected from the files)",
+    )
+    add(
+        "--convention",
+        choices=_CONVENTIONS,
+        help="for PEFT-layout files whose producer scaled differently: alpha (s = alpha, "
+        "older tutorials) or none (s = 1) (default: PEFT's alpha/r, or alpha/sqrt(r) with "
+        "use_rslora)",
+    )
+    add(
+        "--alpha",
+        type=_positive_number,
+        help="lora_alpha of a loralib state dict, which does not store it (s = alpha / r; "
+        "required for loralib; default: none)",
+    )
+    add(
+        "--base",
+        metavar="MODEL_OR_CONFIG",
+        help="the model the adapter belongs to: a model folder or a bare config.json "
+        "(default: none)",
+    )
+
+
+def _add_inspect(commands) -> None:
+    def energy_share(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0  # refused below, with the text as given
+        if not 0 < value <= 1:
+            raise argparse.ArgumentTypeError(f"must be a share in (0, 1], got {text!r}")
+        return value
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="what is in a LoRA adapter (PEFT, mlx-lm, loralib): per-layer rank, scale, "
+        "spectrum; with --base, coverage and what PEFT would skip",
+    )
+    add = inspect.add_argument
+    add("adapter", help="adapter folder (PEFT, mlx-lm) or state dict file (loralib)")
+    _add_source_options(add)
+    add("--json", action="store_true", help="print the report as JSON")
+    add(
+        "--plot",
+        metavar="FILE.png",
+        help="also write the per-layer spectra to this PNG (default: no plot)",
+    )
+    add(
+        "--energy",
+        type=energy_share,
+        default=0.9,
+        help="share of ||s B A||_F^2 the energy rank keeps",
+    )
+    inspect.set_defaults(run=_job("inspect"))
+
+
+def _add_convert(commands) -> None:
+    convert = commands.add_parser(
+        "convert",
+        help="an mlx-lm, loralib or differently scaled adapter to PEFT, with a printed proof "
+        "that the outputs agree",
+    )
+    add = convert.add_argument
+    add("source", help="adapter folder (PEFT, mlx-lm) or state dict file (loralib)")
+    add(
+        "--out",
+        type=_output_folder,
+        required=True,
+        help="the PEFT adapter folder to write (required; default: none)",
+    )
+    _add_source_options(add)
+    convert.set_defaults(run=_job("convert"))
+
+
+def _add_resize(commands) -> None:
+    from lowrank.commands.resize import energy_share  # torch-free at parse time
+
+    resize = commands.add_parser(
+        "resize", help="the best lower-rank version of a PEFT adapter (SVD of its factors)"
+    )
+    add = resize.add_argument
+    add("adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    size = resize.add_mutually_exclusive_group(required=True)
+    size.add_argument(
+        "--rank",
+        type=_positive_int,
+        help="the new rank of every layer; a layer of lower rank keeps its own (default: "
+        "none; give --rank or --energy)",
+    )
+    size.add_argument(
+        "--energy",
+        type=energy_share,
+        help="per layer, the smallest rank holding this share of ||s B A||_F^2, e.g. 0.9 "
+        "(default: none; give --rank or --energy)",
+    )
+    add(
+        "--out",
+        type=_output_folder,
+        required=True,
+        help="the folder to write the adapter to",
+    )
+    add("--json", action="store_true", help="print the report as JSON instead of a table")
+    resize.set_defaults(run=_job("resize"))
+
+
+def _add_extract(commands) -> None:
+    from lowrank.commands.resize import energy_share, rank_list  # torch-free at parse time
+
+    extract = commands.add_parser(
+        "extract", help="a LoRA adapter from a full fine-tune (SVD of W_tuned - W_base)"
+    )
+    add = extract.add_argument
+    add("base", help="the base model folder (loaded with the tuned model's class)")
+    add("tuned", help="the fine-tuned model folder, as `lowrank finetune --method full` writes")
+    size = extract.add_mutually_exclusive_group(required=True)
+    size.add_argument(
+        "--rank",
+        type=rank_list,
+        help="the rank of every layer, or a comma list (1,2,4,8): one adapter per rank, in "
+        "OUT/r<rank>/ (default: none; give --rank or --energy)",
+    )
+    size.add_argument(
+        "--energy",
+        type=energy_share,
+        help="per layer, the smallest rank holding this share of ||W_tuned - W_base||_F^2 "
+        "(default: none; give --rank or --energy)",
+    )
+    add(
+        "--targets",
+        type=_layer_names,
+        help="comma-separated layer names to extract (default: every Linear/Conv1D layer "
+        "whose weight changed)",
+    )
+    add(
+        "--out",
+        type=_output_folder,
+        required=True,
+        help="the folder to write the adapter(s) to",
+    )
+    add(
+        "--eval-file",
+        help="JSONL as lowrank finetune reads it: score the tuned model, the base and each "
+        "extracted adapter on it (default: no evaluation)",
+    )
+    add("--max-length", type=_positive_int, default=256, help="tokens kept per evaluation row")
+    add("--json", action="store_true", help="print the report as JSON instead of tables")
+    extract.set_defaults(run=_job("extract"))
+
+
+def _add_merge_audit(commands) -> None:
+    def blocksize(text: str) -> int:
+        value = _positive_int(text)
+        if value & (value - 1):
+            raise argparse.ArgumentTypeError(f"must be a power of two, got {text!r}")
+        return value
+
+    audit = commands.add_parser(
+        "merge-audit",
+        help="a QLoRA adapter: on its 4-bit base, or merged into W, deq(Q(W)) or 4 bits again?",
+    )
+    add = audit.add_argument
+    add("adapter", help="the adapter folder lowrank finetune --method qlora wrote (PEFT layout)")
+    add(
+        "--base",
+        required=True,
+        metavar="MODEL",
+        help="the model folder it was trained on (full precision)",
+    )
+    add(
+        "--data",
+        metavar="FILE",
+        help='JSONL rows {"text", "label"} or {"text"} to compare the outputs on, tokenized as '
+        "finetune does (default: 16 rows of 32 random token ids, seed 0: KL and agreement only)",
+    )
+    add("--quant-type", choices=("nf4", "fp4"), default="nf4", help="the base's 4-bit type")
+    add("--blocksize", type=blocksize, default=64, help="the base's quantization block size")
+    add(
+        "--double-quant",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the base's block scales were quantized a second time, as in QLoRA",
+    )
+    add(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default="bfloat16",
+        help="what the merged weights are stored in (re-quantized from, for 4 bits again)",
+    )
+    add("--max-rows", type=_positive_int, default=512, metavar="N", help="rows of --data used")
+    add("--json", action="store_true", help="print the report as JSON instead of a table")
+    audit.set_defaults(run=_job("merge_audit"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `lowrank` argument parser: one subcommand per job, every option with help and default.
 
@@ -337,7 +540,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description=__doc__)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_numpy_demo, _add_demo, _add_finetune, _add_estimate, _add_claims):
+    for add in (
+        _add_numpy_demo,
+        _add_demo,
+        _add_finetune,
+        _add_estimate,
+        _add_claims,
+        _add_inspect,
+        _add_convert,
+        _add_resize,
+        _add_extract,
+        _add_merge_audit,
+    ):
         add(commands)
     return parser
 

@@ -67,6 +67,8 @@ def _run(command: str) -> str:
     argv = shlex.split(command)
     if argv[0] == "lowrank":  # the venv's lowrank, whether or not its bin/ is on PATH
         argv = [sys.executable, "-m", "lowrank", *argv[1:]]
+    elif argv[0] == "python":  # an example script, run by the Python building the site
+        argv = [sys.executable, *argv[1:]]
     env = dict(os.environ, MPLBACKEND="Agg", COLUMNS="100")
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:

@@ -1,5 +1,7 @@
 """lowrank.torch: LoRA and QLoRA as PyTorch modules, on CPU and CUDA."""
 
+from .adapter_files import read_adapter
+from .adapter_report import inspect_adapter
 from .adapters import (
     combine_adapters,
     delete_adapter,
@@ -21,6 +23,8 @@ from .analysis import (
 from .bnb_format import from_bnb_state_dict, to_bnb_state_dict
 from .checkpoint import load_trainable, save_trainable
 from .codebooks import dynamic_map, fp4_code, int4_code, nf4_code
+from .convert import convert_adapter
+from .extract import extract_adapter
 from .factored import factored_best_rank_r, factored_core, factored_svd
 from .hf import (
     MeanPoolClassifier,
@@ -37,6 +41,7 @@ from .hf import (
     tokenize_examples,
 )
 from .lora import LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear
+from .merge_audit import merge_audit
 from .model import (
     add_lora,
     count_parameters,
@@ -52,4 +57,5 @@ from .peft_load import load_adapter
 from .qlora import Linear4bit
 from .quant import dequantize_4bit, quantize_4bit
 from .quantized import Quantized4bit
+from .resize import resize_adapter
 from .train import TrainConfig, TrainResult, cosine_with_warmup, seed_everything, train
