@@ -8,15 +8,17 @@ codes and identical float32 dequantized values, and both are bit-identical to
 `bitsandbytes.functional.quantize_4bit`. The container `Quantized4bit` and its checks are in
 `quantized.py`; reading and writing bitsandbytes' serialized 4-bit format is in `bnb_format.py`.
 
-On CUDA the work is queued and the Python side reads back one value only: "does w hold NaN or
+Devices: `quantize_4bit` and `dequantize_4bit` each decide once where the block work runs,
+and every choice gives exactly the codes and values of the plain tensor path below (blockwise
+absmax, a bucketize over the midpoints, a pair-table decode). On CUDA with triton installed:
+`quant_triton`, one Triton kernel for each (tests/torch/test_quant_triton.py checks them, on CPU
+through Triton's interpreter). On CPU, where PyTorch's per-element gathers and its binary search
+are slow: `quant_cpu`, NumPy kernels on the same memory (tests/torch/test_quant_cpu.py). On
+CUDA without triton, on other devices, and while torch.compile traces: the tensor path, the
+readable fallback. On CUDA the Python side reads back one value only: "does w hold NaN or
 inf?", which quantize's ValueError needs (a NaN or inf makes its block's absmax NaN or inf, so
 only the scales are checked). That is quantize's one host sync; dequantize never waits.
-
-On CPU, PyTorch's per-element gathers and its binary search are slow, so `quantize_4bit` and
-`dequantize_4bit` each decide once, CPU or not, and on CPU hand the work to `quant_cpu`: NumPy
-kernels on the same memory that give exactly the codes and values of the plain tensor path
-below (blockwise absmax, a bucketize over the midpoints, a pair-table decode), which
-tests/torch/test_quant_cpu.py checks. Everything else here is plain tensor code on any device.
+Everything else here is plain tensor code on any device.
 
 The two float32 corners of `lowrank.numpy.quant` are handled the same way here, in both paths: a
 block whose absmax is below 1e-38 (no float32 reciprocal exists) is first multiplied by 2 ** 64,
@@ -46,7 +48,7 @@ import torch.nn.functional as F
 
 from lowrank._validate import check_blocksize, check_bool, check_quant_type
 from lowrank.numpy import quant as reference
-from lowrank.torch import quant_cpu
+from lowrank.torch import quant_cpu, quant_triton
 from lowrank.torch.codebooks import _pair_table, _search_table
 from lowrank.torch.quant_cpu import scale_limit
 from lowrank.torch.quantized import (
@@ -113,8 +115,14 @@ def quantize_4bit(
     if w.numel() == 0:
         raise ValueError("cannot quantize an empty tensor")
     x = w.detach().reshape(-1)  # [n]
-    # quantize's one CPU-or-not decision: the same codes either way, NumPy kernels on CPU
-    quantize_blocks = quant_cpu.quantize_blocks if x.device.type == "cpu" else _quantize_blocks
+    # quantize's one decision: Triton kernels on CUDA, NumPy kernels on CPU, else the tensor
+    # path (also while torch.compile traces); the same codes on every one
+    if not _is_compiling() and quant_triton.handles(x.device, blocksize):
+        quantize_blocks = quant_triton.quantize_blocks
+    elif x.device.type == "cpu":
+        quantize_blocks = quant_cpu.quantize_blocks
+    else:
+        quantize_blocks = _quantize_blocks
     packed, absmax = quantize_blocks(x, blocksize, quant_type, pack=True)  # [ceil(n/2)], [n_blocks]
     # NaN or inf anywhere makes its block's absmax NaN or inf, so checking the scales is enough
     # (quant_cpu has already checked each chunk's). On CUDA this is quantize's one host sync:
@@ -162,20 +170,27 @@ def dequantize_4bit(q: Quantized4bit) -> torch.Tensor:
         torch.float16
     """
     check_quantized(q)
-    # dequantize's one CPU-or-not decision (the same values); Dynamo traces the tensor path
-    if q.device.type == "cpu" and not _is_compiling():
-        return quant_cpu.dequantize(
-            q.packed,
-            q.absmax,
-            q.offset,
-            q.absmax2,
-            shape=q.shape,
-            dtype=q.dtype,
-            blocksize=q.blocksize,
-            quant_type=q.quant_type,
-            double_quant=q.double_quant,
-        )
-    return _dequantize(q)
+    # dequantize's one decision (the same values): Triton kernels on CUDA, NumPy kernels on
+    # CPU, else the tensor path, which Dynamo traces
+    if _is_compiling():
+        return _dequantize(q)
+    if quant_triton.handles(q.device, q.blocksize):
+        kernels = quant_triton
+    elif q.device.type == "cpu":
+        kernels = quant_cpu
+    else:
+        return _dequantize(q)
+    return kernels.dequantize(
+        q.packed,
+        q.absmax,
+        q.offset,
+        q.absmax2,
+        shape=q.shape,
+        dtype=q.dtype,
+        blocksize=q.blocksize,
+        quant_type=q.quant_type,
+        double_quant=q.double_quant,
+    )
 
 
 def pack_4bit(codes: torch.Tensor, pad_code: int = 0) -> torch.Tensor:
