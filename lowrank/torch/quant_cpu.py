@@ -1,22 +1,46 @@
-"""The CPU fast path of `lowrank.torch.quant`: 4-bit blockwise quantize and dequantize done in
-NumPy on the tensors' own memory, giving exactly the codes and values of the plain tensor path
-that CUDA runs.
-
-Why it exists: on CPU, PyTorch's per-element gathers and its binary search are slow. Here the
-nearest level comes from a lookup on the top 16 bits of each float (`_nearest_code_cpu`) instead
-of a bucketize over the midpoints, and decoding looks up the two levels of each byte at once
-(`_levels`). The work is cut into chunks and each chunk runs start to end (scale, look up, pack)
-while its temporaries are still in the CPU caches, on a few threads (`_run_chunks`). Measured
-with benchmarks/bench_quant.py (4096 x 4096, 2 cores) when these kernels went in: quantize
-7.1-8.3x faster than bitsandbytes (1.9-2.4x before the chunks), float32 dequantize 1.4-1.8x
-(0.95x before); bfloat16 dequantize stays slower (bitsandbytes writes bf16 in one native pass).
-
-tests/torch/test_quant_cpu.py checks that every kernel here is bit-identical to the tensor path
-in `lowrank.torch.quant` (codes, scales, packed bytes and dequantized values, across chunk
-seams). This file imports only the NumPy reference and the format's constants
-(`lowrank.torch.quantized`), never `lowrank.torch.quant`.
+"""The CPU fast path of `lowrank.torch.quant`: 4-bit blockwise quantize and dequantize as small
+compiled loops (numba) on the tensors' own memory, giving exactly the codes and values of the
+plain tensor path that CUDA falls back to and of the NumPy reference.
 
 Paper: Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs" (arXiv:2305.14314).
+The steps are explained in `lowrank/numpy/quant.py` (the readable reference); this file does
+the same float32 arithmetic, one block at a time, while the block is in the CPU's L1 cache:
+
+- quantize (`_quantize_4bit`): the block's absmax is the largest sign-cleared bit pattern, as
+  an integer (the bits of non-negative floats order as their values, NaN's above inf's); the
+  values are scaled as `lowrank.numpy.quant` scales them (times 1 / absmax; a short last block
+  divided, as bitsandbytes does; a block below 1e-38 lifted by 2 ** 64 first); the nearest of
+  16 levels is the number of the 15 float32 midpoints strictly below the scaled value (what
+  `torch.bucketize` returns: ties go to the lower level), 15 comparisons that the compiler turns
+  into vector instructions; two codes per byte, high nibble first.
+- the 8-bit codes of double quantization (`_quantize_codes`, 255 midpoints of the dynamic map,
+  on n / 64 scales only) look up the top 16 bits of each scaled float instead: a 16-bit "cell"
+  holds at most one midpoint, so `below[cell] + (value > threshold[cell])` is the count.
+- dequantize (`_dequantize_float32`, `_dequantize_16bit`): each block first makes its 16
+  possible values, level * scale in float32 (for bfloat16 and float16 rounded to nearest even
+  as torch's cast rounds, float16's subnormals included: `_float16_bits`, integer operations),
+  then every element picks one by its nibble: 16 roundings a block instead of 64.
+
+What this changes from the reference: nothing in the values (tests/torch/test_quant_cpu.py
+checks codes, scales, packed bytes and decoded bits against the tensor path and the NumPy
+reference, at the edges of the float32 range, across chunk seams and threads); only the order
+of work. Measured one thread, 1024 x 4096 float32, CPU time: quantize 4.8 ms where the NumPy
+chunks this replaced took 15.4 ms and bitsandbytes 114 ms (with double quantization); float32
+dequantize 3.0 ms (was 4.4, bitsandbytes 2.4); the whole comparison, on two threads against
+every peer and the copy floor, is benchmarks/run.py's (docs/benchmarks.md). What made the loops
+fast: each kernel gets its chunk as arrays starting at 0 and loops from 0 (numba then knows no
+index is negative and drops its negative-index check; with it the element loops did not
+vectorize and ran 2-3x slower), counts kept in int32 (uint8 stores stopped vectorization), and
+no view made inside a loop's function of an array it writes.
+
+About 440 lines: three kernels and the two launchers that cut their work into chunks; the
+launchers' slicing is what keeps every kernel's indices starting at 0, so they stay together.
+
+The loops release Python's lock (`nogil`) and `_run_chunks` runs chunks of blocks on up to
+`torch.get_num_threads()` threads (not numba's own thread pool: its default layer aborts the
+process when two Python threads call a parallel kernel at once). Compiled code is cached on
+disk (`cache=True`): the first call in a fresh install compiles for a few seconds, later
+processes load it.
 """
 
 import math
@@ -28,6 +52,7 @@ from functools import cache
 
 import numpy as np
 import torch
+from numba import njit
 
 from lowrank.numpy import quant as reference
 from lowrank.numpy import quantized as reference_quantized
@@ -36,11 +61,164 @@ from lowrank.torch.quantized import DOUBLE_QUANT_BLOCKSIZE, FLOAT32_MAX
 
 __all__ = ["dequantize", "quantize_blocks", "scale_limit"]
 
-_TINY = 1e-38  # stands in for an all-zero block's absmax when dividing (0 * 1e38 = 0)
-# Values per task, so that a task's temporaries (about 20 bytes per value when quantizing, 10
-# when decoding) stay in the caches while it runs; measured on 4096 x 4096.
-_QUANTIZE_CHUNK = 1 << 18
-_DEQUANTIZE_CHUNK = 1 << 19
+# Elements per task: a task's buffers are one block; this only sets how often threads meet.
+_QUANTIZE_CHUNK = 1 << 16
+_DEQUANTIZE_CHUNK = 1 << 16
+
+_TINY = np.float32(1e-38)  # stands in for an all-zero block's absmax when dividing (0 * 1e38 = 0)
+_LIFT = np.float32(reference._LIFT)  # 2 ** 64: blocks below _TINY are multiplied by it first
+_ONE = np.float32(1.0)
+_SIGN_CLEARED = np.uint32(0x7FFFFFFF)
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+@njit(nogil=True, cache=True)
+def _quantize_4bit(source, shift, blocksize, midpoints, order, absmax, packed):
+    """Quantize whole blocks to packed 4-bit codes: source (n_blocks * blocksize,) float32 bits,
+    or bfloat16 bits shifted up by `shift` = 16; midpoints (15,) float32; order (16,) uint8:
+    sorted position -> code; absmax (n_blocks,) float32 out; packed (n / 2,) uint8 out;
+    blocksize even (whole bytes per block). Each call gets its chunk as arrays that start at 0:
+    indices that cannot be negative let the loops vectorize."""
+    bits = np.empty(blocksize + 1, np.uint32)  # one block, and a slot whose float is its absmax
+    values = bits.view(np.float32)
+    codes = np.empty(blocksize, np.int32)  # int32: the 15 comparisons below vectorize
+    pairs = codes.view(np.int64)  # codes 2p and 2p + 1 as one number
+    identity = True
+    for k in range(16):
+        identity = identity and order[k] == k
+    for block in range(absmax.size):
+        start = block * blocksize
+        top = np.uint32(0)
+        for j in range(blocksize):
+            word = np.uint32(source[start + j]) << shift
+            bits[j] = word
+            top = max(top, word & _SIGN_CLEARED)
+        bits[blocksize] = top
+        block_absmax = values[blocksize]
+        absmax[block] = block_absmax
+        # below 1e-38 (subnormal values) 1 / absmax has no float32 value: such a block is
+        # scaled up by 2 ** 64 first, exactly (x * 1 is x: the usual block is unchanged)
+        lift = block_absmax > 0 and block_absmax < _TINY
+        before = _LIFT if lift else _ONE
+        inverse = _ONE / (block_absmax * _LIFT) if lift else _ONE / max(block_absmax, _TINY)
+        for j in range(blocksize):
+            scaled = (values[j] * before) * inverse
+            count = np.int32(0)
+            for k in range(15):  # midpoints strictly below: torch.bucketize's position
+                count += np.int32(scaled > midpoints[k])
+            codes[j] = count
+        if not identity:  # FP4: sorted position -> code
+            for j in range(blocksize):
+                codes[j] = order[codes[j]]
+        half = start // 2
+        for p in range(blocksize // 2):
+            if _LITTLE_ENDIAN:
+                pair = pairs[p]  # code 2p in the low 32 bits
+                packed[half + p] = np.uint8(((pair & 15) << 4) | (pair >> 32))
+            else:
+                packed[half + p] = np.uint8((codes[2 * p] << 4) | codes[2 * p + 1])
+
+
+@njit(nogil=True, cache=True)
+def _quantize_codes(source, shift, blocksize, below, threshold, order, absmax, codes):
+    """Quantize to one uint8 code per element by the cell lookup (any table: the dynamic map's
+    255 midpoints, blocksize 1, a short last block): source (n,) as in `_quantize_4bit`, the
+    last block may be short; below (65536,) uint8 and threshold (65536,) float32:
+    `_search_table`; absmax (ceil(n / blocksize),) float32 out; codes (n,) uint8 out."""
+    bits = np.empty(blocksize + 1, np.uint32)
+    values = bits.view(np.float32)
+    scaled = np.empty(blocksize, np.float32)
+    scaled_bits = scaled.view(np.uint32)
+    n = source.size
+    for block in range(absmax.size):
+        start = block * blocksize
+        size = min(blocksize, n - start)
+        top = np.uint32(0)
+        for j in range(size):
+            word = np.uint32(source[start + j]) << shift
+            bits[j] = word
+            top = max(top, word & _SIGN_CLEARED)
+        bits[size] = top
+        block_absmax = values[size]
+        absmax[block] = block_absmax
+        if size < blocksize:  # bitsandbytes divides a short last block
+            divisor = block_absmax if block_absmax > 0 else _TINY
+            for j in range(size):
+                scaled[j] = values[j] / divisor
+        else:
+            lift = block_absmax > 0 and block_absmax < _TINY
+            before = _LIFT if lift else _ONE
+            inverse = _ONE / (block_absmax * _LIFT) if lift else _ONE / max(block_absmax, _TINY)
+            for j in range(size):
+                scaled[j] = (values[j] * before) * inverse
+        for j in range(size):
+            cell = scaled_bits[j] >> 16
+            position = below[cell] + (1 if scaled[j] > threshold[cell] else 0)
+            codes[start + j] = order[position]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _float16_bits(bits):
+    """float32 bits -> float16 bits, rounded to nearest even, subnormals included (what torch's
+    cast gives; finite inputs below 65520 in magnitude, which a clamped scale guarantees)."""
+    sign = (bits >> 16) & 0x8000
+    magnitude = np.int64(bits & _SIGN_CLEARED)
+    if magnitude >= 0x38800000:  # 2 ** -14 and up: a normal float16
+        odd = (magnitude >> 13) & 1
+        rebiased = magnitude - (112 << 23) + 0xFFF + odd  # exponent 127 -> 15, round half even
+        return np.uint16(sign | (rebiased >> 13))
+    exponent = magnitude >> 23
+    if exponent < 102:  # below 2 ** -25: rounds to zero
+        return np.uint16(sign)
+    mantissa = (magnitude & 0x7FFFFF) | 0x800000  # 24 bits, value = mantissa * 2 ** (e - 150)
+    shift = 126 - exponent  # 14..24: units of float16's smallest subnormal, 2 ** -24
+    units = mantissa >> shift
+    rest = mantissa & ((np.int64(1) << shift) - 1)
+    half = np.int64(1) << (shift - 1)
+    units += 1 if rest > half or (rest == half and (units & 1) == 1) else 0
+    return np.uint16(sign | units)
+
+
+@njit(nogil=True, cache=True)
+def _dequantize_float32(packed, scales, blocksize, levels, out):
+    """Decode whole blocks into float32 `out` (scales.size * blocksize,), its first element the
+    high nibble of packed[0]; scales float32; levels (16,) float32. Each block first makes its
+    16 possible values level * scale, then every element picks one. Arrays start at 0 and the
+    loops run from 0: numba then knows no index is negative, leaves out its negative-index
+    check, and the element loop vectorizes (2-3x faster)."""
+    products = np.empty(16, np.float32)
+    for block in range(scales.size):
+        scale = scales[block]
+        for k in range(16):
+            products[k] = levels[k] * scale
+        start = block * blocksize
+        for j in range(blocksize):
+            i = start + j
+            out[i] = products[(np.int32(packed[i >> 1]) >> (4 - 4 * (i & 1))) & 15]
+
+
+@njit(nogil=True, cache=True)
+def _dequantize_16bit(packed, scales, blocksize, levels, bfloat16, out):
+    """`_dequantize_float32` into the bits of bfloat16 (bfloat16 True) or float16 (uint16 out):
+    each block's 16 products are rounded to nearest even once (torch's rule), 16 roundings per
+    block instead of one per element."""
+    products = np.empty(16, np.float32)
+    words = products.view(np.uint32)
+    table = np.empty(16, np.uint16)
+    for block in range(scales.size):
+        scale = scales[block]
+        for k in range(16):
+            products[k] = levels[k] * scale
+        for k in range(16):
+            if bfloat16:  # round on the float32 bits: add 0x7FFF plus the lowest kept bit
+                word = np.int64(words[k])
+                table[k] = (word + 0x7FFF + ((word >> 16) & 1)) >> 16
+            else:
+                table[k] = _float16_bits(words[k])
+        start = block * blocksize
+        for j in range(blocksize):
+            i = start + j
+            out[i] = table[(np.int32(packed[i >> 1]) >> (4 - 4 * (i & 1))) & 15]
 
 
 def quantize_blocks(
@@ -49,11 +227,11 @@ def quantize_blocks(
     """Blockwise absmax quantization of a CPU tensor x [n] to the nearest level of `table`
     ("nf4", "fp4", "int4" or "dynamic"; ties to the lower), with float32 arithmetic.
 
-    Returns (codes uint8 [n], absmax float32 [n_blocks]); with `pack` the codes come back
-    packed, uint8 [ceil(n / 2)] (as `quant.pack_4bit`, an odd n padded with the code of 0.0).
-    float32 and bfloat16 x are read in place (bfloat16 is the top half of a float32: widening
-    it is exact); other dtypes are rounded to float32 by torch first. Raises ValueError if x
-    holds NaN or inf (or values beyond the float32 range).
+    Returns (codes uint8 [n], absmax float32 [n_blocks]); with `pack` (a 16-level table) the
+    codes come back packed, uint8 [ceil(n / 2)] (as `quant.pack_4bit`, an odd n padded with the
+    code of 0.0). float32 and bfloat16 x are read in place (bfloat16 is the top half of a
+    float32: widening it is exact); other dtypes are rounded to float32 by torch first. Raises
+    ValueError if x holds NaN or inf (or values beyond the float32 range).
 
     Examples:
         >>> x = torch.tensor([1.0, -1.0, 0.0, 0.5, 2.0])  # [5]: a block of 4, a short one
@@ -62,7 +240,7 @@ def quantize_blocks(
         >>> quantize_blocks(x, 4, "nf4", pack=True)[0]  # 0xF0, 0x7C, 0xF7 (padded with 7)
         tensor([240, 124, 247], dtype=torch.uint8)
 
-        They are the codes of the plain tensor path that CUDA runs.
+        They are the codes of the plain tensor path that CUDA falls back to.
 
         >>> from lowrank.torch import quant
         >>> w = torch.randn(512, generator=torch.Generator().manual_seed(0))
@@ -74,53 +252,43 @@ def quantize_blocks(
     if x.dtype not in (torch.float32, torch.bfloat16):
         x = x.float()  # float32 like bitsandbytes
     x = x.contiguous()  # [n]; only read
-    source = x.view(torch.int16).numpy() if x.dtype == torch.bfloat16 else x.numpy()
+    if x.dtype == torch.bfloat16:  # its bits, shifted up, are the float32 bits
+        source, shift = x.view(torch.int16).numpy().view(np.uint16), np.uint32(16)
+    else:
+        source, shift = x.numpy().view(np.uint32), np.uint32(0)
     n = source.size
     absmax = np.empty(-(-n // blocksize), np.float32)  # [n_blocks]
+    search = _search_table(table)
+    whole = n // blocksize if pack and blocksize >= 2 else 0  # blocks for the packed kernel
     codes = np.empty(-(-n // 2) if pack else n, np.uint8)
-    pad_code = _search_table(table).pad_code
-    chunk = max(_QUANTIZE_CHUNK, blocksize)  # a multiple of blocksize, and even
+    per_task = max(1, _QUANTIZE_CHUNK // blocksize)  # blocks per task
 
-    def quantize_chunk(start: int) -> None:
-        stop = min(start + chunk, n)
-        values = source[start:stop]
-        if values.dtype == np.int16:  # bfloat16 bits: shifted up, they are the float32 bits
-            values = np.left_shift(values.view(np.uint16), 16, dtype=np.uint32).view(np.float32)
-        whole = (stop - start) // blocksize  # whole blocks; the chunk may end with a short one
-        full = whole * blocksize
-        scales = absmax[start // blocksize : -(-stop // blocksize)]
-        # |x| is x's bits without the sign bit; read as integers, such bits order like the
-        # values (NaN's above inf's), and NumPy's integer max is twice as fast as its float max
-        magnitude = values.view(np.uint32) & np.uint32(0x7FFFFFFF)
-        magnitude[:full].reshape(whole, blocksize).max(axis=1, out=scales[:whole].view(np.uint32))
-        if full < stop - start:
-            scales.view(np.uint32)[whole] = magnitude[full:].max()
-        # a NaN or inf anywhere makes its block's absmax NaN or inf: check the few scales only
-        if not np.all(np.isfinite(scales)):
-            raise ValueError("w contains NaN or inf (or values beyond the float32 range)")
-        scaled = magnitude.view(np.float32)  # [stop - start], reuses the buffer
-        inverse = np.float32(1.0) / np.maximum(scales[:whole], np.float32(_TINY))
-        blocks = values[:full].reshape(whole, blocksize)
-        scaled_blocks = scaled[:full].reshape(whole, blocksize)
-        np.multiply(blocks, inverse[:, None], out=scaled_blocks)
-        # below 1e-38 (subnormal values) 1 / absmax has no float32 value: such a block is
-        # scaled up by 2 ** 64 first, exactly, then like any (lowrank.numpy.quant._LIFT)
-        if whole and scales[:whole].min() < np.float32(_TINY):  # rare: zero or tiny blocks
-            tiny = np.flatnonzero((scales[:whole] > 0) & (scales[:whole] < np.float32(_TINY)))
-            lifted_inverse = np.float32(1.0) / (scales[tiny] * reference._LIFT)
-            scaled_blocks[tiny] = (blocks[tiny] * reference._LIFT) * lifted_inverse[:, None]
-        if full < stop - start:  # bitsandbytes divides a short last block
-            last = scales[whole]
-            scaled[full:] = values[full:] / (last if last > 0 else np.float32(_TINY))
-        chunk_codes = _nearest_code_cpu(scaled, table).numpy()
-        if not pack:
-            codes[start:stop] = chunk_codes
-            return
-        if chunk_codes.size % 2:  # only the last chunk can be odd
-            chunk_codes = np.append(chunk_codes, np.uint8(pad_code))
-        _pack_pairs(chunk_codes, out=codes[start // 2 : -(-stop // 2)])
+    def packed_blocks(first: int) -> None:  # blocks [first, first + per_task) of the whole
+        last = min(first + per_task, whole)
+        _quantize_4bit(
+            source[first * blocksize : last * blocksize], shift, blocksize, search.midpoints,
+            search.order, absmax[first:last], codes[first * blocksize // 2 : last * blocksize // 2],
+        )  # fmt: skip
 
-    _run_chunks(quantize_chunk, n, chunk)
+    _run_chunks(packed_blocks, whole, per_task)
+    rest = whole * blocksize  # what is left: everything unpacked, or a short last block
+    unpacked = codes if not pack else np.empty(n - rest, np.uint8)
+
+    def coded_blocks(first: int) -> None:  # blocks [first, first + per_task) after the whole
+        start, stop = rest + first * blocksize, min(rest + (first + per_task) * blocksize, n)
+        _quantize_codes(
+            source[start:stop], shift, blocksize, search.below, search.threshold, search.order,
+            absmax[whole + first : whole + first + per_task], unpacked[start - rest : stop - rest],
+        )  # fmt: skip
+
+    _run_chunks(coded_blocks, absmax.size - whole, per_task)
+    if pack and rest < n:  # rest is even: these codes fill the last bytes, padded with 0.0's
+        if unpacked.size % 2:
+            unpacked = np.append(unpacked, np.uint8(search.pad_code))
+        codes[rest // 2 :] = (unpacked[0::2] << 4) | unpacked[1::2]
+    # a NaN or inf anywhere makes its block's absmax NaN or inf: check the scales only
+    if not np.all(np.isfinite(absmax)):
+        raise ValueError("w contains NaN or inf (or values beyond the float32 range)")
     return torch.from_numpy(codes), torch.from_numpy(absmax)
 
 
@@ -139,11 +307,11 @@ def dequantize(
     """`code[c] * absmax[block]` in float32 from the fields of a CPU `quantized.Quantized4bit`,
     returned as `dtype`, shape `shape` (n elements).
 
-    Each scale is clamped to `scale_limit(dtype)`, as the tensor path does. Chunk by chunk on a
-    few threads. float32 and bfloat16 results are written straight into the output; the
-    bfloat16 rounding is done on the float32 bits (as torch's cast does). Other dtypes, and
-    scales that are not finite (NaN, where torch's cast has its own bit patterns), are made in
-    float32 and cast by torch. The fields are not checked here (`quant.dequantize_4bit` does).
+    Each scale is clamped to `scale_limit(dtype)`, as the tensor path does. float32, bfloat16
+    and float16 results are written straight into the output, rounded to nearest even from the
+    float32 product (as torch's cast). float64, and scales that are not finite (NaN, where
+    torch's cast has its own bit patterns), are made in float32 and cast by torch. The fields
+    are not checked here (`quant.dequantize_4bit` does).
 
     Args:
         packed: uint8 [ceil(n / 2)], element 2j in the high nibble.
@@ -166,33 +334,38 @@ def dequantize(
         tensor([ 1.0000, -1.0000,  0.0000,  0.4407,  2.0000])
     """
     n = math.prod(shape)
-    packed, scales = packed.contiguous(), _scales(absmax, offset, absmax2, double_quant)
+    packed, scales = packed.contiguous().numpy(), _scales(absmax, offset, absmax2, double_quant)
     limit = scale_limit(dtype)
     if limit < FLOAT32_MAX:  # float16 and bfloat16: level * scale must fit the dtype
         scales = np.clip(scales, np.float32(-limit), np.float32(limit))  # a copy, never in place
-    as_bfloat16 = dtype == torch.bfloat16 and bool(np.all(np.isfinite(scales)))
-    out = np.empty(n, np.uint16 if as_bfloat16 else np.float32)  # bfloat16 as its bits
-    chunk = max(_DEQUANTIZE_CHUNK, blocksize)  # a multiple of blocksize, and even
+    # float32, bfloat16 and float16 are written here; float64, and scales that are not finite
+    # (NaN: torch's cast has its own bit patterns), are made in float32 and cast by torch
+    direct = dtype in (torch.bfloat16, torch.float16) and bool(np.all(np.isfinite(scales)))
+    out = np.empty(n, np.uint16 if direct else np.float32)  # bfloat16 and float16 as bits
+    levels = code_for(quant_type)
+    whole = n // blocksize
+    per_task = max(1, _DEQUANTIZE_CHUNK // blocksize)
+    per_task += per_task % 2 if blocksize == 1 else 0  # whole bytes: chunks start on a byte
 
-    def dequantize_chunk(start: int) -> None:
-        stop = min(start + chunk, n)
-        whole = (stop - start) // blocksize  # whole blocks; the chunk may end with a short one
-        full = whole * blocksize
-        levels = _levels(packed[start // 2 : -(-stop // 2)], quant_type).numpy()[: stop - start]
-        block_scales = scales[start // blocksize : -(-stop // blocksize)]
-        products = levels if as_bfloat16 else out[start:stop]  # float32 level * absmax
-        np.multiply(
-            levels[:full].reshape(whole, blocksize),
-            block_scales[:whole, None],
-            out=products[:full].reshape(whole, blocksize),
-        )
-        np.multiply(levels[full:], block_scales[whole:], out=products[full:])  # a short block
-        if as_bfloat16:
-            _round_to_bfloat16(levels, out=out[start:stop])
+    def work(first: int) -> None:  # blocks [first, first + per_task)
+        last = min(first + per_task, whole)
+        arrays = packed[first * blocksize // 2 :], scales[first:last], blocksize, levels
+        chunk = out[first * blocksize : last * blocksize]
+        if direct:
+            _dequantize_16bit(*arrays, dtype == torch.bfloat16, chunk)
+        else:
+            _dequantize_float32(*arrays, chunk)
 
-    _run_chunks(dequantize_chunk, n, chunk)
+    _run_chunks(work, whole, per_task)
+    if whole * blocksize < n:  # a short last block, in NumPy (torch rounds it if 16-bit)
+        start = whole * blocksize
+        nibbles = np.stack([packed[start // 2 :] >> 4, packed[start // 2 :] & 15], 1)
+        tail = levels[nibbles.reshape(-1)[: n - start]] * scales[whole]  # float32
+        if direct:
+            tail = torch.from_numpy(tail).to(dtype).view(torch.int16).numpy().view(np.uint16)
+        out[start:] = tail
     values = torch.from_numpy(out)
-    return (values.view(torch.bfloat16) if as_bfloat16 else values.to(dtype)).view(shape)
+    return (values.view(dtype) if direct else values.to(dtype)).view(shape)
 
 
 def _scales(
@@ -229,40 +402,10 @@ def scale_limit(dtype: torch.dtype) -> float:
     return min(torch.finfo(dtype).max, FLOAT32_MAX)
 
 
-def _round_to_bfloat16(values: np.ndarray, out: np.ndarray) -> None:
-    """Round finite float32 `values` to bfloat16 bits (uint16 `out`), to nearest, ties to even,
-    exactly as torch's cast: add 0x7FFF plus the lowest kept bit, then keep the top 16 bits."""
-    bits = values.view(np.uint32)
-    rounded = bits >> 16
-    rounded &= 1
-    rounded += bits
-    rounded += 0x7FFF  # a finite float32's bits + 0x8000 stays below 2 ** 32
-    rounded >>= 16
-    np.copyto(out, rounded, casting="unsafe")  # each value now fits in 16 bits
-
-
-def _levels(packed: torch.Tensor, quant_type: str) -> torch.Tensor:
-    """The level of every nibble in CPU `packed` [m], in order (high nibble first), float32
-    [2 * m]: NumPy's take of whole [2] rows, far faster than torch's gather on CPU."""
-    return torch.from_numpy(np.take(_pair_table(quant_type), packed.numpy(), axis=0).reshape(-1))
-
-
-def _pack_pairs(codes: np.ndarray, out: np.ndarray) -> None:
-    """`quant.pack_4bit` for an even number of NumPy codes, written into `out` (uint8)."""
-    if sys.byteorder == "little":
-        # read each pair as one little-endian uint16 (first code in the low byte): 3x faster;
-        # the uint16 result's low byte is (first << 4) | second, which the unsafe cast keeps
-        pairs = codes.view(np.uint16)
-        np.bitwise_or(pairs << 4, pairs >> 8, out=out, casting="unsafe")
-    else:
-        np.left_shift(codes[0::2], 4, out=out)
-        out |= codes[1::2]
-
-
 def _run_chunks(work: Callable[[int], None], n: int, chunk: int) -> None:
     """Call `work(start)` for start = 0, chunk, 2 * chunk, ... below n, on up to
-    `torch.get_num_threads()` threads: NumPy lets go of Python's global lock inside its loops,
-    so the chunks really run side by side. Each call writes its own slice of the outputs."""
+    `torch.get_num_threads()` threads: the compiled loops let go of Python's global lock, so the
+    chunks really run side by side. Each call writes its own slice of the outputs."""
     starts = range(0, n, chunk)
     workers = min(torch.get_num_threads(), len(starts))
     if workers <= 1:
@@ -273,29 +416,10 @@ def _run_chunks(work: Callable[[int], None], n: int, chunk: int) -> None:
         list(pool.map(work, starts))  # list() waits, and re-raises a chunk's error here
 
 
-def _nearest_code_cpu(scaled: np.ndarray, table: str) -> torch.Tensor:
-    """The codes of `quant._nearest_code` (a bucketize over the midpoints) for a float32 NumPy
-    array [m], uint8 [m], from a lookup on the top 16 bits of each float32 (sign, exponent,
-    7 mantissa bits).
-
-    All floats sharing those bits form a short interval, a "cell", holding at most one midpoint
-    (checked when the tables are built). So the sorted position is `below[cell]` (midpoints
-    under the cell) plus 1 if the value lies above the cell's midpoint `threshold[cell]`
-    (+inf where the cell holds none): two lookups and a comparison instead of a binary search.
-    """
-    search = _search_table(table)
-    # take() works on intp indices: convert the cells once, not in each of the two lookups
-    cell = (scaled.view(np.uint32) >> 16).astype(np.intp)
-    position = np.take(search.below, cell)
-    position += scaled > np.take(search.threshold, cell)
-    if search.order is not None:  # FP4: sorted position -> code
-        position = np.take(search.order, position)
-    return torch.from_numpy(position)
-
-
 @dataclass(frozen=True)
 class _Search:
-    order: np.ndarray | None  # uint8 [levels]: sorted position -> code (None: identity)
+    midpoints: np.ndarray  # float32 [levels - 1], between the sorted levels
+    order: np.ndarray  # uint8 [levels]: sorted position -> code
     pad_code: int  # the code of 0.0
     below: np.ndarray  # uint8 [65536]: midpoints below each 16-bit cell
     threshold: np.ndarray  # float32 [65536]: the cell's midpoint, or +inf
@@ -303,7 +427,7 @@ class _Search:
 
 @cache
 def _search_table(table: str) -> _Search:
-    """Cell tables for `table` ("nf4", "fp4", "int4" or "dynamic"), from the same float32
+    """Search tables for `table` ("nf4", "fp4", "int4" or "dynamic"), from the same float32
     midpoints as `lowrank.numpy.quant._nearest_code` (levels sorted stably)."""
     code = dynamic_map() if table == "dynamic" else code_for(table)
     order = np.argsort(code, kind="stable").astype(np.uint8)
@@ -318,18 +442,10 @@ def _search_table(table: str) -> _Search:
     finite = np.isfinite(lowest) & np.isfinite(highest)
     assert inside[finite].max() <= 1, "a cell holds two midpoints"
     threshold = np.where(inside == 1, midpoints[np.minimum(below, midpoints.size - 1)], np.inf)
-    is_sorted = np.array_equal(order, np.arange(order.size))
     return _Search(
-        order=None if is_sorted else order,
+        midpoints=midpoints.astype(np.float32),
+        order=order,
         pad_code=int(order[np.searchsorted(midpoints, 0.0, side="left")]),
         below=below.astype(np.uint8),
         threshold=threshold.astype(np.float32),
     )
-
-
-@cache
-def _pair_table(quant_type: str) -> np.ndarray:
-    """[256, 2] float32: the levels of byte b's high and low nibble."""
-    code = code_for(quant_type)  # [16]
-    byte = np.arange(256)
-    return np.stack([code[byte >> 4], code[byte & 0x0F]], axis=1)

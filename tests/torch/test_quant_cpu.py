@@ -45,10 +45,20 @@ def weights(n: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("table", ["nf4", "fp4", "int4", "dynamic"])
-def test_cpu_cell_lookup_equals_bucketize(table):
-    scaled = tricky_scaled_values(table)
-    fast = quant_cpu._nearest_code_cpu(scaled.numpy(), table)
-    assert torch.equal(fast, quant._nearest_code(scaled, table))
+@pytest.mark.parametrize("pack", [False, True])
+def test_cpu_nearest_level_equals_bucketize(table, pack):
+    """Every midpoint, its two float neighbours, the levels and random values, in one short
+    block whose absmax is exactly 1 (so each value is its own scaled value): the compiled
+    comparison count (pack, 16-level tables) and the cell lookup give torch.bucketize's codes."""
+    if pack and table == "dynamic":
+        pytest.skip("the dynamic map has 256 levels: never packed into nibbles")
+    scaled = torch.cat([tricky_scaled_values(table).clamp(-1, 1), torch.tensor([1.0])])
+    codes, absmax = quant_cpu.quantize_blocks(scaled, 2**16, table, pack=pack)
+    assert torch.equal(absmax, torch.tensor([1.0]))
+    expected = quant._nearest_code(scaled, table)
+    if pack:
+        expected = quant.pack_4bit(expected, pad_code=quant_cpu._search_table(table).pad_code)
+    assert torch.equal(codes, expected)
 
 
 @pytest.mark.parametrize("table", ["nf4", "fp4", "int4", "dynamic"])
@@ -71,12 +81,24 @@ def test_cpu_packed_blocks_equal_tensor_packed_blocks(quant_type, dtype, n, bloc
     assert torch.equal(packed_cpu, packed) and torch.equal(absmax_cpu, absmax)
 
 
-@pytest.mark.parametrize("quant_type", QUANT_TYPES)
-@pytest.mark.parametrize("n_bytes", [1, 2, 7, 1000])
-def test_cpu_level_lookup_equals_per_nibble_gather(quant_type, n_bytes):
-    packed = torch.randint(0, 256, (n_bytes,), dtype=torch.uint8)
-    codes = torch.stack([packed >> 4, packed & 15], 1).reshape(-1).long()
-    assert torch.equal(quant_cpu._levels(packed, quant_type), code_for(quant_type)[codes])
+def test_float16_rounding_equals_torch_cast():
+    """The compiled float32 -> float16 rounding (nearest even, float16's subnormals) against
+    torch's cast, on every 61st float32 bit pattern from 2 ** -27 to 65504 (both signs) and on
+    the exact ties between float16 neighbours: decoded as level 1.0 (NF4 code 15) times a
+    scale of blocksize 1, the product is the value itself."""
+    start, stop = np.float32(2.0**-27).view(np.uint32), np.float32(65504.0).view(np.uint32)
+    patterns = np.arange(start, stop, 61, dtype=np.uint32)
+    halves = np.arange(1, 0x7BFF, dtype=np.uint16).view(np.float16).astype(np.float32)
+    ties = (halves[:-1] + (halves[1:] - halves[:-1]) / 2).astype(np.float32)  # exact midpoints
+    values = np.concatenate([patterns.view(np.float32), ties, [0.0, 65504.0]]).astype(np.float32)
+    values = np.concatenate([values, -values])
+    packed = torch.full(((values.size + 1) // 2,), 0xFF, dtype=torch.uint8)  # code 15 = 1.0
+    decoded = quant_cpu.dequantize(
+        packed, torch.from_numpy(values), None, None, shape=(values.size,), dtype=torch.float16,
+        blocksize=1, quant_type="nf4", double_quant=False,
+    )  # fmt: skip
+    expected = torch.from_numpy(values).to(torch.float16)
+    assert torch.equal(decoded.view(torch.int16), expected.view(torch.int16))
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
