@@ -48,10 +48,13 @@ def on_config(config):
 
 @event_priority(100)  # before mkdocs-jupyter wraps .ipynb files into notebook pages
 def on_files(files, config):
-    for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
+    # the notebooks as pages, and the committed benchmark plots (docs/benchmarks.md shows them)
+    found = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    found += sorted((ROOT / "benchmarks" / "results").glob("*.png"))
+    for path in found:
         files.append(
             File(
-                f"notebooks/{notebook.name}",
+                path.relative_to(ROOT).as_posix(),
                 src_dir=str(ROOT),
                 dest_dir=config["site_dir"],
                 use_directory_urls=config["use_directory_urls"],

@@ -30,6 +30,7 @@ import copy
 import math
 import os
 import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -292,9 +293,9 @@ def _compare(key, model, trained, batches, labels, weight_bytes) -> ChoiceAudit:
 def merge_audit(
     model: nn.Module,
     adapter: str | os.PathLike,
-    inputs,
+    inputs: Sequence[torch.Tensor | Mapping[str, torch.Tensor]],
     *,
-    labels=None,
+    labels: Sequence[torch.Tensor] | None = None,
     quant_type: str = "nf4",
     blocksize: int = 64,
     double_quant: bool = True,
