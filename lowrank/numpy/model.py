@@ -22,6 +22,7 @@ import numpy as np
 
 from lowrank._validate import check_quant_type
 
+from .dora import DoRALinear
 from .lora import Linear, LoRALinear
 from .qlora import Linear4bit, QLoRALinear
 
@@ -133,6 +134,8 @@ class MLP:
                 total += 0 if base.bias is None else base.bias.size
             if isinstance(layer, LoRALinear):
                 total += layer.A.size + layer.B.size
+            if isinstance(layer, DoRALinear):
+                total += layer.magnitude.size
         return total
 
     def num_trainable(self) -> int:
@@ -151,12 +154,15 @@ def add_lora(
     init: str = "kaiming",
     rng: np.random.Generator | None = None,
     quant_type: str | None = None,
+    use_dora: bool = False,
 ) -> MLP:
     """Freeze the whole model and wrap the Linear layers at `targets` (indices into
     `model.layers`; None = every Linear) in LoRALinear, in place. Returns the model.
 
     quant_type: "nf4", "fp4" or "int4" wraps them in QLoRALinear instead (a frozen 4-bit base,
-    blocksize 64, double quantization). Everything is checked, and every wrapper built, before
+    blocksize 64, double quantization). use_dora: wrap them in `dora.DoRALinear` instead
+    (DoRA, Liu et al. 2024, arXiv:2402.09353: a trained magnitude per output as well; full
+    precision only). Everything is checked, and every wrapper built, before
     the model changes: a bad argument leaves it as it was. Afterwards `model.parameters()`
     holds only the adapters' A and B: build the optimizer after this call. The new adapters
     start with B = 0, so the model computes what it did.
@@ -178,6 +184,8 @@ def add_lora(
         True
         >>> type(add_lora(MLP([4, 8, 3]), [2], r=2, quant_type="nf4").layers[2]).__name__
         'QLoRALinear'
+        >>> list(add_lora(MLP([4, 8, 3]), [0], r=2, use_dora=True).parameters())  # DoRA
+        ['layers.0.A', 'layers.0.B', 'layers.0.magnitude']
     """
     linear_indices = [i for i, layer in enumerate(model.layers) if isinstance(layer, Linear)]
     targets = linear_indices if targets is None else list(targets)
@@ -192,11 +200,15 @@ def add_lora(
         raise ValueError(f"targets repeat a layer: {targets}")
     if quant_type is not None:
         check_quant_type(quant_type)
+        if use_dora:
+            raise ValueError(
+                "use_dora=True needs a full-precision base here; quant_type must be None"
+            )
     rng = np.random.default_rng(0) if rng is None else rng
     options = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init, rng=rng)
     if quant_type is not None:
         options |= dict(quant_type=quant_type, blocksize=64, double_quant=True)
-    wrapper = LoRALinear if quant_type is None else QLoRALinear
+    wrapper = QLoRALinear if quant_type is not None else DoRALinear if use_dora else LoRALinear
     wrappers = {}  # built (and checked) before the model changes: a failure changes nothing
     for index in targets:
         base = model.layers[index]

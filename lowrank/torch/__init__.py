@@ -24,6 +24,7 @@ from .bnb_format import from_bnb_state_dict, to_bnb_state_dict
 from .checkpoint import load_trainable, save_trainable
 from .codebooks import dynamic_map, fp4_code, int4_code, nf4_code
 from .convert import convert_adapter
+from .dora import DoRALinear
 from .extract import extract_adapter
 from .factored import factored_best_rank_r, factored_core, factored_svd
 from .hf import (

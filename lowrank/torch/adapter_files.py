@@ -342,6 +342,8 @@ def _read_peft(folder: Path, convention: str | None) -> AdapterFiles:
             weights = readable / PICKLE_NAME
             tensors = _load_state_dict(weights)
         raw_config = _read_json(readable / CONFIG_NAME)
+    if config.get("use_dora"):  # DoRA's magnitude rescales W + sBA: not a factor pair alone
+        raise ValueError(f"{folder}: a DoRA adapter (use_dora); inspect and convert read LoRA only")
     pairs, extra = {}, {}
     for key in tensors:
         match = _PEFT_FACTOR.fullmatch(key.removeprefix(PREFIX)) if key.startswith(PREFIX) else None

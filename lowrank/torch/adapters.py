@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lowrank._validate import ArgumentTypeError, RankWarning, check_adapter_name
+from lowrank.torch.dora import DoRALinear
 from lowrank.torch.lora import LoRALayer
 from lowrank.torch.model import lora_layers, mark_only_lora_trainable, replace_module
 from lowrank.torch.modules_to_save import saved_modules
@@ -280,6 +281,9 @@ def combine_adapters(
     check_adapter_name(new_name)
     for name in names:
         check_known(model, name)
+    dora = [name for name, layer in lora_layers(model) if isinstance(layer, DoRALinear)]
+    if dora:  # a mix of DoRA adapters would need their magnitudes mixed too: not defined here
+        raise ValueError(f"combine_adapters mixes LoRA adapters only; {dora[0]!r} is a DoRA layer")
     if new_name in list_adapters(model):
         raise ValueError(f"the model already has an adapter named {new_name!r}")
     for module_name, wrapper in saved_modules(model):
@@ -322,8 +326,8 @@ def combine_adapters(
 
 def _adapter_parameters(layer: nn.Module) -> list[nn.Parameter]:
     """Every adapter's parameters in a LoRA layer (A, B) or a modules_to_save wrapper."""
-    if isinstance(layer, LoRALayer):
-        return [*layer.A.values(), *layer.B.values()]
+    if isinstance(layer, LoRALayer):  # DoRA's magnitudes too
+        return [*layer.A.values(), *layer.B.values(), *getattr(layer, "magnitude", {}).values()]
     return list(layer.modules_to_save.parameters())
 
 

@@ -228,7 +228,11 @@ def _trainable_targets(
 def _adapter_parameter_ids(model: nn.Module) -> set[int]:
     """ids of every LoRA A and B and every modules_to_save copy in the model (they go to the
     PEFT-format adapter file)."""
-    factors = [p for _, layer in lora_layers(model) for p in (*layer.A.values(), *layer.B.values())]
+    factors = [  # A, B, and a DoRA layer's magnitudes
+        p
+        for _, layer in lora_layers(model)
+        for p in (*layer.A.values(), *layer.B.values(), *getattr(layer, "magnitude", {}).values())
+    ]
     copies = [p for _, w in saved_modules(model) for p in w.modules_to_save.parameters()]
     return {id(p) for p in (*factors, *copies)}
 

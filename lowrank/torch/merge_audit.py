@@ -39,6 +39,7 @@ from torch import nn
 from lowrank._validate import check_blocksize, check_bool, check_quant_type
 from lowrank.accounting import format_bytes
 from lowrank.torch.checkpoint import load_trainable
+from lowrank.torch.dora import DoRALinear
 from lowrank.torch.factored import factored_core
 from lowrank.torch.lora import LoRALinear
 from lowrank.torch.model import lora_layers, merged_copy, replace_module
@@ -343,6 +344,8 @@ def merge_audit(
     loaded = load_trainable(copy.deepcopy(model), adapter)  # W + the factors (+ a head)
     layers = list(lora_layers(loaded))
     for name, layer in layers:
+        if isinstance(layer, DoRALinear):  # its merge is not W + sBA: audit LoRA only
+            raise ValueError(f"{adapter}: layer {name!r} is DoRA; the audit reads LoRA only")
         if not isinstance(layer, LoRALinear) or not isinstance(layer.base_layer, nn.Linear):
             raise ValueError(
                 f"{adapter}: layer {name!r} is a {type(layer.base_layer).__name__}; a QLoRA "

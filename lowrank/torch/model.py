@@ -29,6 +29,7 @@ from torch import nn
 
 from lowrank import _patterns
 from lowrank._validate import check_adapter, check_adapter_name, check_quant_type
+from lowrank.torch.dora import DoRALinear
 from lowrank.torch.lora import LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear
 from lowrank.torch.modules_to_save import (
     ModulesToSaveWrapper,
@@ -283,8 +284,8 @@ def active_adapter(model: nn.Module) -> str | None:
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:
-    """Freeze every parameter except the active adapter's A and B in each LoRA layer and its
-    copies of the modules it trains in full (`modules_to_save`).
+    """Freeze every parameter except the active adapter's A and B in each LoRA layer (and its
+    DoRA magnitude) and its copies of the modules it trains in full (`modules_to_save`).
 
     Examples:
         >>> from collections import OrderedDict
@@ -304,6 +305,8 @@ def mark_only_lora_trainable(model: nn.Module) -> None:
         if layer.active_adapter in layer.A:
             layer.A[layer.active_adapter].requires_grad_(True)
             layer.B[layer.active_adapter].requires_grad_(True)
+            if isinstance(layer, DoRALinear):
+                layer.magnitude[layer.active_adapter].requires_grad_(True)
     for _, wrapper in saved_modules(model):
         if wrapper.active_adapter in wrapper.modules_to_save:
             wrapper.modules_to_save[wrapper.active_adapter].requires_grad_(True)
@@ -323,6 +326,7 @@ def add_lora(
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, float] | None = None,
     modules_to_save: list[str] | None = None,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Add LoRA adapter `adapter_name` to every layer of `model` that `targets` selects.
 
@@ -349,6 +353,10 @@ def add_lora(
             dotted suffix (each must select one): a new classification head, say. Each gets a
             `modules_to_save.ModulesToSaveWrapper` with this adapter's copy, saved with the
             adapter as PEFT saves it. None: none.
+        use_dora: DoRA (Liu et al. 2024, arXiv:2402.09353): each layer also trains a
+            magnitude per output feature (`lowrank.torch.dora.DoRALinear`), as PEFT's
+            `use_dora=True`. Linear (and 4-bit) layers only; a layer already wrapped keeps its
+            kind, so plain and DoRA adapters never share a layer.
 
     Returns:
         `model` itself.
@@ -383,10 +391,16 @@ def add_lora(
         >>> _ = add_lora(model, ["q"], r=2, modules_to_save=["classifier"])  # a new head
         >>> type(model.classifier).__name__, count_parameters(model)  # + its trainable copy
         ('ModulesToSaveWrapper', (50, 140))
+        >>> model = add_lora(nn.Sequential(OrderedDict(q=nn.Linear(8, 8))), ["q"], r=2,
+        ...                  use_dora=True)  # DoRA: + a magnitude per output feature
+        >>> type(model.q).__name__, count_parameters(model)  # 2 * (8 + 8) + 8 trainable
+        ('DoRALinear', (40, 112))
     """
     if quant_type is not None:
         check_quant_type(quant_type)
     check_adapter_name(adapter_name)
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"use_dora must be True or False, got {use_dora!r}")
     names = match_targets(model, targets)
     plans = []  # validate every layer before changing any
     for name in names:
@@ -400,6 +414,17 @@ def add_lora(
             )
             if quant_type is not None and not base_fits:
                 raise ValueError(f"layer {name!r} is wrapped in full precision; cannot quantize")
+            if isinstance(module, DoRALinear) != use_dora:
+                held = "DoRA" if isinstance(module, DoRALinear) else "plain LoRA"
+                raise ValueError(
+                    f"layer {name!r} holds {held} adapters; use_dora={use_dora} cannot add the "
+                    "other kind to it (plain and DoRA adapters never share a layer)"
+                )
+        elif use_dora and wrapper_for(module) is not LoRALinear:
+            raise ValueError(
+                f"layer {name!r} is a {type(module).__name__}; DoRA (use_dora) "
+                "applies to Linear layers only"
+            )
         in_features, out_features = features(module)
         r_here = pattern_value(rank_pattern or {}, name, r)
         alpha_here = pattern_value(alpha_pattern or {}, name, alpha)
@@ -425,7 +450,11 @@ def add_lora(
         for name, module, *_ in plans
         if not isinstance(module, LoRALayer)
     }
-    wrappers = {name: wrapper_for(base)(base) for name, base in bases.items()}
+    wrapper_class = {LoRALinear: DoRALinear} if use_dora else {}
+    wrappers = {
+        name: wrapper_class.get(wrapper_for(base), wrapper_for(base))(base)
+        for name, base in bases.items()
+    }
     for name, module, *_ in plans:  # a 4-bit base is new: the wrapper takes the original's mode
         if name in wrappers:
             wrappers[name].train(module.training)
@@ -567,7 +596,10 @@ def merged_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modu
         if isinstance(base, Linear4bit):
             weight = layer.base_weight().float()  # (out, in)
             if layer.active_adapter in layer.A and not layer.merged and not layer.disabled:
-                weight = weight + layer.delta_weight().detach().float()
+                if isinstance(layer, DoRALinear):  # m * V / ||V||_c, from the dequantized W
+                    weight = layer.merged_weight(+1.0).float()
+                else:
+                    weight = weight + layer.delta_weight().detach().float()
             plain = nn.Linear(
                 layer.in_features,
                 layer.out_features,

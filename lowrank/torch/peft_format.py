@@ -11,7 +11,12 @@ with `PREFIX`):
                                  base_model.model.<module path>.lora_B.weight   [out, r]
                                  base_model.model.<embedding path>.lora_embedding_A  [r, num]
                                  base_model.model.<embedding path>.lora_embedding_B  [dim, r]
+                                 base_model.model.<module path>.lora_magnitude_vector [out]
                                  base_model.model.<module path>.<tensor>    modules_to_save
+
+A DoRA adapter (Liu et al. 2024, arXiv:2402.09353; `lowrank.torch.dora`) has `"use_dora":
+true` and one more tensor per layer, its magnitude `lora_magnitude_vector` [out] (PEFT keeps it
+as `lora_magnitude_vector.<adapter>.weight` in the model and drops `.weight` when it saves).
 
 A module trained in full with the adapter (a classification head: `modules_to_save.py`) is
 listed in the config's "modules_to_save" and its tensors stored under its own path, as PEFT
@@ -35,8 +40,8 @@ Where lowrank deliberately differs from PEFT, and why:
   any base weight; lowrank refuses such a key by name. Factors must be finite floating tensors.
 - config values are checked like `add_lora`'s arguments; lora_alpha must be > 0 (PEFT accepts
   0 or a negative alpha, which switch the adapter off or reverse it). Fields lowrank does not
-  implement (DoRA, exclude_modules, ...: `UNSUPPORTED`, each with the values that mean "not
-  used") are refused by name rather than ignored. A module in modules_to_save must have every
+  implement (exclude_modules, lora_bias, ...: `UNSUPPORTED`, each with the values that mean
+  "not used") are refused by name rather than ignored. A module in modules_to_save must have every
   tensor of its state dict in the file (PEFT would keep the original for a missing one).
 - a pattern read from the file that takes more than about a second to match is a ValueError
   (`lowrank._patterns`); PEFT's `re` would run for as long as the pattern takes.
@@ -69,6 +74,7 @@ from lowrank._validate import (
     check_positive_number,
 )
 from lowrank.torch.adapters import check_known
+from lowrank.torch.dora import DoRALinear
 from lowrank.torch.lora import LoRAConv1D, LoRAEmbedding
 from lowrank.torch.model import (
     lora_layers,
@@ -94,6 +100,7 @@ __all__ = [
     "ADAPTER_FILES",
     "PREFIX",
     "UNSUPPORTED",
+    "magnitude_key",
     "lora_state_dict",
     "adapter_config",
     "adapter_writer",
@@ -101,6 +108,17 @@ __all__ = [
     "read_adapter_files",
     "read_tensors",
 ]
+
+
+def magnitude_key(name: str) -> str:
+    """PEFT's key for a DoRA layer's magnitude [out].
+
+    Examples:
+        >>> from lowrank.torch.peft_format import magnitude_key
+        >>> magnitude_key("model.layers.0.self_attn.q_proj")
+        'base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector'
+    """
+    return f"{PREFIX}{name}.lora_magnitude_vector"
 
 
 def _keys(name: str, embedding: bool) -> tuple[str, str]:
@@ -113,7 +131,8 @@ def _keys(name: str, embedding: bool) -> tuple[str, str]:
 def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """Adapter `adapter_name`'s factors under PEFT's keys (detached, on the CPU).
 
-    A layer's A is [r, in] and its B [out, r] (an embedding's A is [r, num_embeddings]).
+    A layer's A is [r, in] and its B [out, r] (an embedding's A is [r, num_embeddings]); a
+    DoRA layer adds its magnitude [out] (`magnitude_key`).
 
     Examples:
         >>> from collections import OrderedDict
@@ -131,6 +150,9 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
             key_A, key_B = _keys(name, isinstance(layer, LoRAEmbedding))
             state[key_A] = layer.A[adapter_name].detach().cpu().contiguous()  # (r, in)
             state[key_B] = layer.B[adapter_name].detach().cpu().contiguous()  # (out, r)
+            if isinstance(layer, DoRALinear):
+                magnitude = layer.magnitude[adapter_name].detach().cpu().contiguous()  # (out,)
+                state[magnitude_key(name)] = magnitude
     return state
 
 
@@ -202,10 +224,11 @@ def adapter_config(
     alphas = {n: _plain_number(layer.alpha[adapter_name]) for n, layer in layers}
     rslora = {layer.use_rslora[adapter_name] for _, layer in layers}
     dropouts = {getattr(layer.dropout[adapter_name], "p", 0.0) for _, layer in layers}
-    if len(rslora) > 1 or len(dropouts) > 1:
+    dora = {isinstance(layer, DoRALinear) for _, layer in layers}
+    if len(rslora) > 1 or len(dropouts) > 1 or len(dora) > 1:
         raise ValueError(
-            f"adapter {adapter_name!r} mixes use_rslora {rslora} or dropout {dropouts} across "
-            "layers; the PEFT format has one value of each"
+            f"adapter {adapter_name!r} mixes use_rslora {rslora}, dropout {dropouts} or "
+            f"use_dora {dora} across layers; the PEFT format has one value of each"
         )
     r, alpha = _most_common(ranks), _most_common(alphas)
     suffixes = {n[i + 1 :] for n in ranks for i, char in enumerate(n) if char == "."}
@@ -227,7 +250,7 @@ def adapter_config(
         "modules_to_save": _modules_to_save(model, adapter_name),
         "layers_to_transform": None,
         "layers_pattern": None,
-        "use_dora": False,
+        "use_dora": dora.pop(),
         "revision": None,
     }
 
@@ -304,7 +327,6 @@ def save_adapter(
 UNSUPPORTED = {
     "peft_type": ("LORA",),
     "bias": ("none",),
-    "use_dora": (False, None),
     "layers_to_transform": (None, []),
     "exclude_modules": (None, [], ""),
     "target_parameters": (None, []),
@@ -339,6 +361,7 @@ def _check_config(raw: object, path: Path) -> dict:
             "lora_alpha": check_positive_number("lora_alpha", raw.get("lora_alpha", 8)),
             "lora_dropout": check_dropout(raw.get("lora_dropout", 0.0), "lora_dropout"),
             "use_rslora": check_bool("use_rslora", raw.get("use_rslora", False)),
+            "use_dora": check_bool("use_dora", _false_if_none(raw.get("use_dora"))),
             "fan_in_fan_out": check_bool("fan_in_fan_out", raw.get("fan_in_fan_out", False)),
             "target_modules": _check_targets(raw.get("target_modules")),
             "modules_to_save": _check_modules_to_save(raw.get("modules_to_save")),
@@ -348,6 +371,10 @@ def _check_config(raw: object, path: Path) -> dict:
     except ValueError as error:
         raise type(error)(f"{path}: {error}") from None
     return config
+
+
+def _false_if_none(value: object) -> object:
+    return False if value is None else value  # PEFT writes null or false for "no DoRA"
 
 
 def _check_targets(targets: object) -> str | list[str]:

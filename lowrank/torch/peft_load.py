@@ -15,7 +15,7 @@ must be read together to see that a refused load changes nothing.)
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from lowrank import _patterns
 from lowrank._folders import reading_folder
 from lowrank._validate import check_adapter_name
 from lowrank.torch.adapters import check_unmerged
+from lowrank.torch.dora import DoRALinear
 from lowrank.torch.lora import LoRAConv1D, LoRAEmbedding, LoRALayer
 from lowrank.torch.model import (
     active_adapter,
@@ -43,7 +44,14 @@ from lowrank.torch.modules_to_save import (
     select_modules,
     stage_copies,
 )
-from lowrank.torch.peft_format import CONFIG_NAME, PREFIX, _keys, read_adapter_files
+from lowrank.torch.peft_format import (
+    CONFIG_NAME,
+    PREFIX,
+    _keys,
+    magnitude_key,
+    read_adapter_files,
+)
+from lowrank.torch.qlora import Linear4bit
 
 __all__ = ["AdapterPlan", "plan_load", "apply_plan", "load_adapter"]
 
@@ -55,7 +63,8 @@ class AdapterPlan:
     Each entry of `layers` is (qualified name, r, alpha, A [r, in], B [out, r]); each entry of
     `base_weights` is (the model's parameter, the value the file holds for it); each entry of
     `modules_to_save` is (module path, its state dict from the file), and `staged` holds the
-    copies still to be made (`modules_to_save.stage_copies`).
+    copies still to be made (`modules_to_save.stage_copies`). For a DoRA adapter
+    (`"use_dora": true`), `magnitudes` maps each layer to its magnitude [out] from the file.
 
     Examples:
         >>> import tempfile
@@ -89,6 +98,7 @@ class AdapterPlan:
     base_weights: list[tuple[nn.Parameter, torch.Tensor]]  # saved embedding matrices
     modules_to_save: list[tuple[str, dict[str, torch.Tensor]]]  # modules trained in full
     staged: list  # (path, wrapper or None, new copy) for the modules without this adapter's copy
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA: name -> m [out]
 
 
 def plan_load(
@@ -102,7 +112,9 @@ def plan_load(
     ranks, the existing adapter. ValueError naming the first mismatches.
 
     `config` and `tensors` are what `peft_format.read_adapter_files` read from `folder`
-    (named in errors); each layer's A must be [r, in] and B [out, r] for the layer it names.
+    (named in errors); each layer's A must be [r, in] and B [out, r] for the layer it names,
+    and with use_dora its `lora_magnitude_vector` [out] (DoRA: Linear layers only, and a layer
+    already wrapped must hold adapters of the same kind).
     The config's modules_to_save select modules as PEFT selects them (`peft_selects`); each
     needs every tensor of its state dict in the file, at its shape, and like PEFT the LoRA
     targets leave out those modules and what is inside them.
@@ -150,7 +162,7 @@ def plan_load(
         raise ValueError(f"{folder / CONFIG_NAME}: {error}") from None
     selected = [n for n in selected if not any(n == s or n.startswith(s + ".") for s in saved)]
     existing = sorted(n for n, layer in lora_layers(model) if adapter_name in layer.A)
-    problems, layers, expected = [], [], set()
+    problems, layers, expected, magnitudes = [], [], set(), {}
     for name in selected:
         module = modules[name]
         key_A, key_B = _keys(name, isinstance(module, (nn.Embedding, LoRAEmbedding)))
@@ -170,6 +182,13 @@ def plan_load(
         if name in existing and module.r[adapter_name] != r:
             problems.append(f"{name}: adapter {adapter_name!r} has r={module.r[adapter_name]}")
             continue
+        if config["use_dora"] or isinstance(module, DoRALinear):
+            problem = _plan_magnitude(name, module, config["use_dora"], tensors, out_features)
+            if problem:
+                problems.append(problem)
+                continue
+            expected.add(magnitude_key(name))
+            magnitudes[name] = tensors[magnitude_key(name)]
         layers.append((name, r, alpha, A, B))
     full_modules, staged = _plan_modules_to_save(
         model, saved, tensors, adapter_name, selected, expected, problems
@@ -201,8 +220,34 @@ def plan_load(
         check_unmerged(model, "load into an existing adapter")
     _warn_fan_in_fan_out(config["fan_in_fan_out"], [(n, modules[n]) for n in selected])
     return AdapterPlan(
-        folder, config, adapter_name, bool(existing), layers, base_weights, full_modules, staged
+        folder,
+        config,
+        adapter_name,
+        bool(existing),
+        layers,
+        base_weights,
+        full_modules,
+        staged,
+        magnitudes,
     )
+
+
+def _plan_magnitude(
+    name: str, module: nn.Module, use_dora: bool, tensors: dict, out_features: int
+) -> str | None:
+    """What keeps layer `name` from taking a DoRA magnitude from the file (None: nothing)."""
+    if isinstance(module, LoRALayer):
+        if isinstance(module, DoRALinear) != use_dora:
+            held = "DoRA" if isinstance(module, DoRALinear) else "plain LoRA"
+            return f"{name}: the layer holds {held} adapters but the file has use_dora={use_dora}"
+    elif not isinstance(module, nn.Linear | Linear4bit):
+        return f"{name}: use_dora applies to Linear layers only, not {type(module).__name__}"
+    key = magnitude_key(name)
+    if key not in tensors:
+        return f"missing {key} (use_dora: DoRA's magnitude)"
+    if tensors[key].shape != (out_features,):
+        return f"{key}: shape {tuple(tensors[key].shape)}, the layer needs ({out_features},)"
+    return None
 
 
 def _plan_modules_to_save(
@@ -343,6 +388,7 @@ def apply_plan(
                     dropout=config["lora_dropout"],
                     adapter_name=plan.adapter_name,
                     use_rslora=config["use_rslora"],
+                    use_dora=config["use_dora"],
                 )
         for name, _, alpha, A, B in plan.layers:
             layer = model.get_submodule(name)
@@ -351,6 +397,8 @@ def apply_plan(
             with torch.no_grad():
                 layer.A[plan.adapter_name].copy_(A)
                 layer.B[plan.adapter_name].copy_(B)
+                if name in plan.magnitudes:
+                    layer.magnitude[plan.adapter_name].copy_(plan.magnitudes[name])
         install_copies(model, plan.staged, plan.adapter_name, active_adapter(model))
         with torch.no_grad():
             for name, state in plan.modules_to_save:
@@ -430,6 +478,7 @@ def _snapshot(model: nn.Module, weights: list[nn.Parameter]) -> dict:
                 {n: (layer.A[n].detach().clone(), layer.B[n].detach().clone()) for n in layer.A},
                 dict(layer.alpha),
                 dict(layer.use_rslora),
+                {n: m.detach().clone() for n, m in getattr(layer, "magnitude", {}).items()},
             )
             for name, layer in lora_layers(model)
         },
@@ -451,13 +500,15 @@ def _restore(model: nn.Module, snapshot: dict) -> None:
         if name not in snapshot["layers"]:
             replace_module(model, name, snapshot["modules"][name])
             continue
-        active, factors, alpha, use_rslora = snapshot["layers"][name]
+        active, factors, alpha, use_rslora, magnitudes = snapshot["layers"][name]
         for adapter in [n for n in layer.A if n not in factors]:
             layer.delete_adapter(adapter)
         with torch.no_grad():
             for adapter, (A, B) in factors.items():
                 layer.A[adapter].copy_(A)
                 layer.B[adapter].copy_(B)
+            for adapter, magnitude in magnitudes.items():
+                layer.magnitude[adapter].copy_(magnitude)
         layer.active_adapter, layer.alpha, layer.use_rslora = active, alpha, use_rslora
     for name, wrapper in list(saved_modules(model)):
         if name not in snapshot["wrappers"]:

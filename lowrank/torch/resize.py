@@ -21,7 +21,7 @@ adds rank: a `rank` above a layer's r keeps that layer's r (reported as capped),
 extra directions would be zeros.
 
 The report gives per layer r, r', ||s B A||_F, the error ||s B A - B' A'||_F of the written
-factors (computed from the stacked factors [s B, -B'] [A; A'], again by QR) and the
+factors (computed from the stacked factors `[s B, -B'] @ [A; A']`, again by QR) and the
 Eckart-Young bound from the spectrum; the two agree up to the rounding of the stored dtype.
 The rank choice (`choose_rank`) is shared with `lowrank.torch.extract`.
 """
@@ -247,6 +247,8 @@ def resize_adapter(
     check_rank_or_energy(rank, energy)
     with reading_folder(Path(adapter_folder)) as folder:
         config, tensors = read_adapter_files(folder)
+        if config.get("use_dora"):  # W' = m (W + sBA) / ||W + sBA||: no longer rank-r in sBA
+            raise ValueError(f"{folder}: a DoRA adapter (use_dora); resize reads LoRA only")
         raw_config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
         layers = _layers(folder, config, tensors)
     written, rows = dict(tensors), []
