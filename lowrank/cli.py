@@ -204,6 +204,12 @@ def _add_finetune(commands) -> None:
         type=_non_negative_int,
         help="optimizer steps of warmup, instead of --warmup-ratio (default: the ratio)",
     )
+    add(
+        "--loraplus-ratio",
+        type=_positive_number,
+        help="LoRA+ (Hayou et al. 2024): train the B factors at this many times --lr, e.g. 16 "
+        "(lora and qlora only; default: plain LoRA, one learning rate)",
+    )
     add("--max-length", type=_positive_int, default=256, help="tokens kept per row")
     evaluation = finetune.add_mutually_exclusive_group()
     evaluation.add_argument(

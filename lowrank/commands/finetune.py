@@ -128,7 +128,7 @@ def _load(name_or_path: str | os.PathLike, what: str, loader, **options):
 def _check_options(
     *, method, r, alpha, dropout, epochs, batch_size, grad_accum_steps, lr, schedule,
     warmup_ratio, warmup_steps, max_length, eval_split, eval_file, seed, bf16, save_steps,
-    resume, **_,
+    resume, loraplus_ratio, **_,
 ) -> None:  # fmt: skip
     """`finetune`'s arguments, before any file is read: ValueError naming the first bad one."""
     check_choice("method", method, METHODS)
@@ -144,6 +144,10 @@ def _check_options(
         check_positive_number("lr", lr)
     if warmup_steps is not None:
         check_int("warmup_steps", warmup_steps, low=0)
+    if loraplus_ratio is not None:
+        check_positive_number("loraplus_ratio", loraplus_ratio)
+        if method == "full":
+            raise ValueError("loraplus_ratio applies to lora and qlora (B factors), not full")
     if save_steps is not None:
         check_int("save_steps", save_steps)
     if not 0 <= warmup_ratio < 1:
@@ -201,6 +205,7 @@ def finetune(
     schedule: str = "cosine",
     warmup_ratio: float = 0.06,
     warmup_steps: int | None = None,
+    loraplus_ratio: float | None = None,
     max_length: int = 256,
     eval_split: float = 0.0,
     eval_file: str | os.PathLike | None = None,
@@ -241,6 +246,8 @@ def finetune(
         schedule: the learning rate after warmup: "cosine", "linear" or "constant".
         warmup_ratio: share of the steps spent warming up (unless `warmup_steps`).
         warmup_steps: optimizer steps of warmup; None: `warmup_ratio` of them.
+        loraplus_ratio: LoRA+ (Hayou et al. 2024, arXiv:2402.12354): the B factors train at
+            this many times `lr` (`TrainConfig.loraplus_lr_ratio`); None: plain LoRA.
         max_length: tokens kept per row.
         eval_split: share of the rows held out (seeded) for a metric after each epoch.
         eval_file: a JSONL file of the same format to evaluate on instead.
@@ -343,6 +350,7 @@ def finetune(
         schedule=schedule,
         warmup_ratio=warmup_ratio,
         warmup_steps=warmup_steps,
+        loraplus_lr_ratio=loraplus_ratio,
         bf16=bf16 is not False,  # None: autocast where CUDA is (train's rule), off on a CPU
         gradient_checkpointing=gradient_checkpointing,
         seed=seed,
@@ -407,6 +415,7 @@ def main(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         warmup_ratio=args.warmup_ratio,
         warmup_steps=args.warmup_steps,
+        loraplus_ratio=args.loraplus_ratio,
         max_length=args.max_length,
         eval_split=args.eval_split,
         eval_file=args.eval_file,

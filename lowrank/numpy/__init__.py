@@ -17,6 +17,7 @@ from .gradcheck import numerical_gradient, numerical_gradient_of_output, relativ
 from .lora import Linear, LoRALinear, kaiming_uniform_A
 from .model import MLP, ReLU, add_lora, lora_layers, merge_lora, unmerge_lora
 from .optim import SGD, AdamW
+from .pissa import olora_init, pissa_init, plain_lora_copy
 from .qlora import Linear4bit, QLoRALinear
 from .quant import dequantize_4bit, quantize_4bit
 from .quantized import Quantized4bit

@@ -9,6 +9,10 @@ Both optimizers take a dict name -> array (a layer's or a model's `params()`) an
 arrays IN PLACE in `step(grads)`, where `grads` has the same names; the layers see the new
 values without any copying back. Each step follows torch.optim's order of operations exactly,
 so in float64 the two agree to rounding (torch.optim.AdamW / SGD are the tests' oracles).
+
+`lr_scales` (name -> multiplier, default 1) gives some parameters their own learning rate
+lr * multiplier, as a torch parameter group with its own lr does; LoRA+ (B at a larger rate
+than A: Hayou et al. 2024, arXiv:2402.12354) is `train.loraplus_lr_scales`.
 """
 
 import numpy as np
@@ -37,6 +41,18 @@ def _check_grads(params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) ->
             raise ValueError(f"grad {name!r} has shape {np.shape(g)}, param {params[name].shape}")
 
 
+def _check_lr_scales(
+    params: dict[str, np.ndarray], lr_scales: dict[str, float] | None
+) -> dict[str, float]:
+    lr_scales = {} if lr_scales is None else dict(lr_scales)
+    unknown = sorted(lr_scales.keys() - params.keys())
+    if unknown:
+        raise ValueError(f"lr_scales name parameters the optimizer does not have: {unknown}")
+    for name, value in lr_scales.items():
+        _check_positive(f"lr_scales[{name!r}]", value)
+    return lr_scales
+
+
 def _check_positive(name: str, value: float) -> float:
     if not value > 0:
         raise ValueError(f"{name} must be positive, got {value}")
@@ -47,7 +63,7 @@ class SGD:
     """Stochastic gradient descent with (heavy-ball) momentum, as torch.optim.SGD (dampening 0).
 
     buf = momentum * buf + g        (buf = g on the first step)
-    p  -= lr * buf
+    p  -= lr * lr_scales.get(name, 1) * buf
 
     `params` and the `grads` given to `step` map the same names to arrays of the same shapes;
     each parameter array is updated in place.
@@ -63,11 +79,22 @@ class SGD:
         >>> optimizer.step({"w": np.array([1.0, 1.0])})
         >>> w  # the momentum buffer is now 0.9 * g + g = 1.9 g
         array([ 0.71, -2.29])
+        >>> a, b = np.ones(2), np.ones(2)
+        >>> SGD({"a": a, "b": b}, lr=0.1, lr_scales={"b": 4}).step({"a": a, "b": b})
+        >>> a, b  # b at 4 times the learning rate (LoRA+'s B)
+        (array([0.9, 0.9]), array([0.6, 0.6]))
     """
 
-    def __init__(self, params: dict[str, np.ndarray], lr: float, momentum: float = 0.0) -> None:
+    def __init__(
+        self,
+        params: dict[str, np.ndarray],
+        lr: float,
+        momentum: float = 0.0,
+        lr_scales: dict[str, float] | None = None,
+    ) -> None:
         self.params = _check_params(params)
         self.lr = _check_positive("lr", lr)
+        self.lr_scales = _check_lr_scales(params, lr_scales)  # name -> lr multiplier
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum = float(momentum)
@@ -86,7 +113,7 @@ class SGD:
                 else:
                     buf = self.buffers[name] = np.array(g, dtype=p.dtype)
                 g = buf
-            p -= self.lr * g
+            p -= self.lr * self.lr_scales.get(name, 1.0) * g
 
 
 class AdamW:
@@ -94,6 +121,7 @@ class AdamW:
 
     For each parameter p with gradient g, at step t = 1, 2, ...:
 
+        lr  = lr * lr_scales.get(name, 1)    this parameter's rate (a torch param group's lr)
         p  *= 1 - lr * weight_decay          decay the weight itself, not the gradient
         m   = m + (g - m) * (1 - beta1)      first moment: running mean of g
         v   = beta2 * v + (1 - beta2) * g^2  second moment: running mean of g^2
@@ -128,9 +156,11 @@ class AdamW:
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.01,
+        lr_scales: dict[str, float] | None = None,
     ) -> None:
         self.params = _check_params(params)
         self.lr = _check_positive("lr", lr)
+        self.lr_scales = _check_lr_scales(params, lr_scales)  # name -> lr multiplier
         beta1, beta2 = betas
         if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
@@ -149,11 +179,12 @@ class AdamW:
         self.t += 1
         bias_correction1 = 1 - self.beta1**self.t
         bias_correction2 = 1 - self.beta2**self.t
-        step_size = self.lr / bias_correction1
         bias_correction2_sqrt = bias_correction2**0.5
         for name, p in self.params.items():
             g, m, v = grads[name], self.m[name], self.v[name]
-            p *= 1 - self.lr * self.weight_decay
+            lr = self.lr * self.lr_scales.get(name, 1.0)
+            step_size = lr / bias_correction1
+            p *= 1 - lr * self.weight_decay
             m += (g - m) * (1 - self.beta1)
             v *= self.beta2
             v += (1 - self.beta2) * g * g

@@ -7,14 +7,18 @@ The mirror of `lowrank.torch.train`, at toy scale: one forward, one hand-written
 (`model.backward`), one optimizer step per mini-batch. The torch trainer takes a loss function
 and a collate function because it trains any model on any data; this one trains the tiny
 `model.MLP` classifier on arrays. LoRA (Hu et al. 2021, arXiv:2106.09685) needs nothing
-special here: after `add_lora`, `model.parameters()` holds only A and B.
+special here: after `add_lora`, `model.parameters()` holds only A and B. LoRA+ (Hayou et al.
+2024, arXiv:2402.12354) trains B at `loraplus_lr_ratio` times A's learning rate
+(`loraplus_lr_scales`, the mirror of the torch trainer's `parameter_groups`).
 """
 
 import numpy as np
 
+from lowrank._validate import check_positive_number
+
 from .model import MLP
 
-__all__ = ["accuracy", "softmax_cross_entropy", "train", "train_step"]
+__all__ = ["accuracy", "loraplus_lr_scales", "softmax_cross_entropy", "train", "train_step"]
 
 
 def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
@@ -78,6 +82,23 @@ def train_step(model: MLP, x: np.ndarray, y: np.ndarray, optimizer: object) -> f
     return loss
 
 
+def loraplus_lr_scales(params: dict[str, np.ndarray], loraplus_lr_ratio: float) -> dict[str, float]:
+    """LoRA+'s learning-rate multipliers (Hayou et al. 2024, arXiv:2402.12354), name -> ratio.
+
+    As PEFT's `create_loraplus_optimizer`: every B factor (a name ending in ".B") and every
+    other one-dimensional parameter (a bias) gets loraplus_lr_ratio; the rest (A factors, other
+    matrices) keep 1 and are left out. Give the result to SGD / AdamW as `lr_scales`.
+
+    Examples:
+        >>> from lowrank.numpy import MLP, add_lora
+        >>> from lowrank.numpy.train import loraplus_lr_scales
+        >>> loraplus_lr_scales(add_lora(MLP([4, 8, 3]), r=2).parameters(), 16)
+        {'layers.0.B': 16.0, 'layers.2.B': 16.0}
+    """
+    ratio = check_positive_number("loraplus_lr_ratio", loraplus_lr_ratio)
+    return {name: ratio for name, array in params.items() if name.endswith(".B") or array.ndim == 1}
+
+
 def train(
     model: MLP,
     X: np.ndarray,
@@ -87,12 +108,16 @@ def train(
     epochs: int,
     batch_size: int,
     rng: np.random.Generator,
+    loraplus_lr_ratio: float | None = None,
 ) -> list[float]:
     """Mini-batch training: each epoch visits the examples once, in an order drawn from `rng`.
 
     `optimizer` is any object with `step(grads)` built on `model.parameters()` (SGD, AdamW).
     X: (n, sizes[0]) inputs, y: (n,) integer labels. Returns the loss of every step, in order:
-    epochs * ceil(n / batch_size) floats.
+    epochs * ceil(n / batch_size) floats. `loraplus_lr_ratio` (LoRA+, Hayou et al. 2024,
+    arXiv:2402.12354): B trains at this many times the optimizer's lr, by setting the
+    optimizer's `lr_scales` to `loraplus_lr_scales` (an optimizer without `lr_scales` is a
+    TypeError); None leaves the optimizer as it is (plain LoRA).
 
     Examples:
         >>> import numpy as np
@@ -114,6 +139,14 @@ def train(
         )
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if loraplus_lr_ratio is not None:
+        scales = loraplus_lr_scales(model.parameters(), loraplus_lr_ratio)
+        if not hasattr(optimizer, "lr_scales"):
+            raise TypeError(
+                f"loraplus_lr_ratio needs an optimizer with lr_scales (SGD, AdamW), "
+                f"got {type(optimizer).__name__}"
+            )
+        optimizer.lr_scales = {name: scales[name] for name in optimizer.params if name in scales}
     losses = []
     for _ in range(epochs):
         order = rng.permutation(len(X))

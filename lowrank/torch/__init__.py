@@ -55,6 +55,7 @@ from .model import (
 from .modules_to_save import ModulesToSaveWrapper
 from .peft_format import adapter_config, lora_state_dict, save_adapter
 from .peft_load import load_adapter
+from .pissa import olora_init, pissa_init, plain_lora_copy
 from .qlora import Linear4bit
 from .quant import dequantize_4bit, quantize_4bit
 from .quantized import Quantized4bit

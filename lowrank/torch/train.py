@@ -12,6 +12,8 @@ What happens, step by step:
   arXiv:1711.05101) over the parameters that require grad, and only those. With LoRA
   that is A and B (plus a task head): the optimizer's two moments exist only for them, which
   is most of LoRA's memory saving (Hu et al. 2021, arXiv:2106.09685, section 4.2).
+  With `loraplus_lr_ratio` (LoRA+, Hayou et al. 2024, arXiv:2402.12354) B trains at that
+  many times the learning rate of A (`parameter_groups`).
 - the learning rate rises linearly from 0 over the warmup steps (`warmup_steps`, or
   `warmup_ratio` of all steps), then follows `schedule` (`SCHEDULES`): half a cosine down to 0
   at the last step (`cosine_with_warmup`, transformers' `get_cosine_schedule_with_warmup`;
@@ -38,7 +40,7 @@ What happens, step by step:
   written (`checkpoint.save_checkpoint`); `resume_from` one of them continues the run from
   that step as if it had never stopped: on the CPU, the same final weights bit for bit.
 
-(About 530 lines, a third of them docstrings: the loop, its checkpoints and their resumption
+(About 600 lines, a third of them docstrings: the loop, its checkpoints and their resumption
 read together; the file format of a checkpoint is `checkpoint.py`.)
 
 QLoRA (Dettmers et al. 2023, arXiv:2305.14314) needs nothing special here: its base weights
@@ -59,12 +61,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowrank._validate import check_positive_number
 from lowrank.torch.checkpoint import (
     load_checkpoint,
     save_checkpoint,
     save_trainable,
     trainable_parameters,
 )
+from lowrank.torch.model import lora_layers
 
 __all__ = [
     "SCHEDULES",
@@ -78,6 +82,7 @@ __all__ = [
     "constant_with_warmup",
     "enable_gradient_checkpointing",
     "move_to",
+    "parameter_groups",
     "train",
 ]
 
@@ -87,8 +92,8 @@ class TrainConfig:
     """Every knob of `train`, with defaults that suit LoRA on a small model.
 
     Checked when made: counts must be positive ints, lr and max_grad_norm positive,
-    warmup_ratio in [0, 1), warmup_steps a non-negative int, schedule one of `SCHEDULES`;
-    ValueError otherwise.
+    warmup_ratio in [0, 1), warmup_steps a non-negative int, schedule one of `SCHEDULES`,
+    loraplus_lr_ratio None or a positive number; ValueError otherwise.
 
     Examples:
         >>> from lowrank.torch.train import TrainConfig
@@ -109,6 +114,7 @@ class TrainConfig:
     warmup_ratio: float = 0.06  # share of all optimizer steps spent warming up
     warmup_steps: int | None = None  # optimizer steps of warmup; None: warmup_ratio of them
     weight_decay: float = 0.0  # AdamW's decoupled decay, on every trainable tensor
+    loraplus_lr_ratio: float | None = None  # LoRA+: B's lr = this * lr; None: plain LoRA
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     max_grad_norm: float | None = 1.0  # None: no clipping
@@ -148,6 +154,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm}")
+        if self.loraplus_lr_ratio is not None:
+            check_positive_number("loraplus_lr_ratio", self.loraplus_lr_ratio)
 
 
 @dataclass
@@ -316,6 +324,40 @@ def move_to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def parameter_groups(
+    model: nn.Module, parameters: dict[str, nn.Parameter], lr: float, loraplus_lr_ratio: float
+) -> list[dict]:
+    """The optimizer's two parameter groups for LoRA+ (Hayou et al. 2024, arXiv:2402.12354).
+
+    As PEFT's `create_loraplus_optimizer` (and the paper's reference code): every LoRA B
+    factor and every other trainable tensor with one dimension (the biases and norms of a
+    head trained in full) at lr * loraplus_lr_ratio; the rest (A factors, other matrices) at
+    lr. The paper's argument: in a wide layer B must move faster than A for the update B A to
+    learn features efficiently. One deliberate difference: PEFT puts both factors of an
+    adapted embedding at a fixed `loraplus_lr_embedding` (1e-6 by default); here an
+    embedding's B is a B like any other and its A an A.
+
+    `parameters` is name -> trainable tensor (`checkpoint.trainable_parameters`); the groups
+    are [A group, B group], in the order of `parameters` inside each.
+
+    Examples:
+        >>> from collections import OrderedDict
+        >>> from torch import nn
+        >>> from lowrank.torch.checkpoint import trainable_parameters
+        >>> from lowrank.torch.model import add_lora
+        >>> from lowrank.torch.train import parameter_groups
+        >>> model = add_lora(nn.Sequential(OrderedDict(fc=nn.Linear(4, 4))), ["fc"], r=2)
+        >>> groups = parameter_groups(model, trainable_parameters(model), 1e-3, 16)
+        >>> [(group["lr"], [tuple(p.shape) for p in group["params"]]) for group in groups]
+        [(0.001, [(2, 4)]), (0.016, [(4, 2)])]
+    """
+    b_factors = {id(B) for _, layer in lora_layers(model) for B in layer.B.values()}
+    fast = [p for p in parameters.values() if id(p) in b_factors or p.ndim == 1]
+    fast_ids = {id(p) for p in fast}
+    slow = [p for p in parameters.values() if id(p) not in fast_ids]
+    return [{"params": slow, "lr": lr}, {"params": fast, "lr": lr * loraplus_lr_ratio}]
+
+
 def train(
     model: nn.Module,
     examples: Sequence,
@@ -329,7 +371,8 @@ def train(
     """Train the parameters of `model` that require grad on `examples`; see the module doc.
 
     AdamW (Loshchilov & Hutter 2019, arXiv:1711.05101) with linear warmup and cosine decay,
-    gradient accumulation and clipping; with LoRA only A and B (and a task head) train.
+    gradient accumulation and clipping; with LoRA only A and B (and a task head) train, with
+    LoRA+ B faster (`config.loraplus_lr_ratio`, `parameter_groups`).
 
     Args:
         model: the model; moved to the device, left in eval mode at the end.
@@ -380,8 +423,11 @@ def train(
         raise ValueError("the model has no parameters that require grad: nothing to train")
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    groups = list(parameters.values())  # one group at lr; LoRA+: B at lr * ratio
+    if config.loraplus_lr_ratio is not None:
+        groups = parameter_groups(model, parameters, config.lr, config.loraplus_lr_ratio)
     optimizer = torch.optim.AdamW(
-        list(parameters.values()),
+        groups,
         lr=config.lr,
         betas=config.betas,
         eps=config.eps,
@@ -532,6 +578,7 @@ _SAME_RUN = (
     "warmup_ratio",
     "warmup_steps",
     "weight_decay",
+    "loraplus_lr_ratio",
     "betas",
     "eps",
     "max_grad_norm",

@@ -378,3 +378,26 @@ def test_bf16_qlora_on_cuda(tiny_folders, tmp_path):
     assert all(math.isfinite(loss) for loss in result.run.losses)
     assert next(result.model.parameters()).device.type == "cuda"
     assert math.isfinite(result.run.evals[-1]["perplexity"])
+
+
+def test_loraplus_ratio_reaches_the_trainer(tiny_folders, tmp_path, capsys):
+    """--loraplus-ratio: the run's logged config has it, and B moves 16x as fast as in the
+    same run without it (AdamW's first step moves every entry with a gradient by about lr,
+    and B starts at 0, so after one step |B| is lr, resp. 16 lr, wherever it moved)."""
+    data = _labelled(tmp_path / "cls.jsonl")
+    largest = {}
+    for name, extra in (("plain", []), ("plus", ["--loraplus-ratio", "16"])):
+        out = tmp_path / name
+        argv = ["finetune", str(tiny_folders["bert"]), str(data), "--batch-size", "12"]
+        argv += ["--lr", "1e-3", "--warmup-steps", "0", "--out", str(out), *extra]
+        assert main(argv) == 0
+        config = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+        assert config["loraplus_lr_ratio"] == (16.0 if extra else None)
+        tensors = load_file(out / "adapter_model.safetensors")
+        largest[name] = max(t.abs().max().item() for k, t in tensors.items() if "lora_B" in k)
+    assert largest["plain"] == pytest.approx(1e-3, rel=1e-3)
+    assert largest["plus"] == pytest.approx(16e-3, rel=1e-3)
+    capsys.readouterr()
+    argv = ["finetune", str(tiny_folders["bert"]), str(data), "--method", "full"]
+    assert main([*argv, "--loraplus-ratio", "4", "--out", str(tmp_path / "full")]) == 2
+    assert "loraplus_ratio applies to lora and qlora" in capsys.readouterr().err

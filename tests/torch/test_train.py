@@ -280,3 +280,128 @@ def test_peft_loads_the_out_dir_of_a_training_run(tmp_path):
     x = _collate(_data())[0]
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+# LoRA+ (Hayou et al. 2024, arXiv:2402.12354): B trains at loraplus_lr_ratio times A's lr.
+
+
+def _peft_name(name: str) -> str:
+    """PEFT's parameter name -> lowrank's (the same tensor of the same model)."""
+    name = name.removeprefix("base_model.model.")
+    for kind in ("A", "B"):
+        name = name.replace(f".lora_{kind}.default.weight", f".{kind}.default")
+        name = name.replace(f".lora_embedding_{kind}.default", f".{kind}.default")
+    return name
+
+
+def test_loraplus_groups_match_peft_create_loraplus_optimizer():
+    """Oracle: PEFT's create_loraplus_optimizer on the same tiny BERT classifier (LoRA on
+    query/value and the word embeddings, the head trained in full)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from peft.optimizers import create_loraplus_optimizer
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lowrank.torch.checkpoint import trainable_parameters
+    from lowrank.torch.train import parameter_groups
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        vocab_size=40,
+        max_position_embeddings=16,
+    )
+    base = BertForSequenceClassification(config)
+    targets = ["query", "value", "word_embeddings"]
+    ours = add_lora(copy.deepcopy(base), targets, r=2, modules_to_save=["classifier"])
+    lora_config = LoraConfig(r=2, target_modules=targets, modules_to_save=["classifier"])
+    theirs = get_peft_model(copy.deepcopy(base), lora_config)
+    peft_optimizer = create_loraplus_optimizer(
+        theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16, loraplus_lr_embedding=5e-4
+    )
+    names = {id(p): _peft_name(n) for n, p in theirs.named_parameters()}
+    expected = {names[id(p)]: g["lr"] for g in peft_optimizer.param_groups for p in g["params"]}
+    parameters = trainable_parameters(ours)
+    ids = {id(p): name for name, p in parameters.items()}
+    got = {
+        ids[id(p)]: group["lr"]
+        for group in parameter_groups(ours, parameters, 1e-3, 16)
+        for p in group["params"]
+    }
+    assert sorted(got) == sorted(expected) == sorted(parameters)
+    embedding = "bert.embeddings.word_embeddings"
+    for name, lr in expected.items():
+        if name.startswith(embedding):
+            continue  # PEFT: a fixed loraplus_lr_embedding for both factors; lowrank: as below
+        assert got[name] == pytest.approx(lr), name
+    assert expected[f"{embedding}.B.default"] == expected[f"{embedding}.A.default"] == 5e-4
+    assert got[f"{embedding}.A.default"] == 1e-3 and got[f"{embedding}.B.default"] == 0.016
+    assert got["classifier.modules_to_save.default.bias"] == 0.016  # 1-dim: PEFT's B group
+
+
+def test_loraplus_one_step_moves_b_ratio_times_as_far_as_a():
+    """Oracle by hand: AdamW's first step is p -= lr * g / (|g| + eps) (m_hat = g,
+    sqrt(v_hat) = |g|), i.e. about lr per entry: lr for A, ratio * lr for B."""
+    data = _data(n=8)
+    model = add_lora(_model(), ["0", "2"], r=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".B." in name:
+                p.normal_()  # B != 0, so that A has a gradient as well
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    config = TrainConfig(
+        batch_size=8,
+        lr=1e-3,
+        loraplus_lr_ratio=10,
+        schedule="constant",
+        warmup_steps=0,
+        max_grad_norm=None,
+        device="cpu",
+        progress=False,
+    )
+    model.zero_grad()
+    _loss(model, _collate(data)).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    train(model, data, config, loss_fn=_loss, collate=_collate)
+    for name, p in model.named_parameters():
+        if name in before:
+            lr = 1e-3 * (10 if ".B." in name else 1)
+            g = grads[name]
+            expected = before[name] - lr * g / (g.abs() + 1e-8)
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), "16"])
+def test_loraplus_ratio_is_checked(bad):
+    with pytest.raises((ValueError, TypeError), match="loraplus_lr_ratio must be a positive"):
+        TrainConfig(loraplus_lr_ratio=bad)
+
+
+def test_loraplus_groups_mirror_the_numpy_scales():
+    """The same LoRA MLP in both halves: the tensors at ratio * lr are the same ones."""
+    import numpy as np
+
+    from lowrank.numpy import MLP
+    from lowrank.numpy import add_lora as np_add_lora
+    from lowrank.numpy.train import loraplus_lr_scales
+    from lowrank.torch.checkpoint import trainable_parameters
+    from lowrank.torch.train import parameter_groups
+
+    numpy_model = np_add_lora(MLP([6, 16, 3]), r=2)
+    torch_model = add_lora(
+        nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)), ["0", "2"], r=2
+    )
+    parameters = trainable_parameters(torch_model)
+    names = {id(p): name.removesuffix(".default") for name, p in parameters.items()}
+    slow, fast = parameter_groups(torch_model, parameters, 1e-3, 8)
+    assert fast["lr"] == 8e-3 and slow["lr"] == 1e-3
+    got = {f"layers.{names[id(p)]}" for p in fast["params"]}
+    assert (
+        got == set(loraplus_lr_scales(numpy_model.parameters(), 8)) == {"layers.0.B", "layers.2.B"}
+    )
+    assert np.all([p.ndim == 2 for p in slow["params"]]) and len(slow["params"]) == 2
