@@ -41,6 +41,7 @@ from .hf import (
     prepare_for_kbit_training,
     tokenize_examples,
 )
+from .loftq import loftq_init
 from .lora import LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear
 from .merge_audit import merge_audit
 from .model import (
