@@ -66,7 +66,9 @@ def loftq(
         r: the adapter rank, an int in [1, min(out, in)].
         scale: the LoRA scale s (alpha / r), > 0.
         num_iters: T, the number of alternations, >= 1 (T = 1: quantize W, fit its error).
-        quant_type, blocksize, double_quant: as `quant.quantize_4bit`.
+        quant_type: the 4-bit type, as `quant.quantize_4bit`.
+        blocksize: elements per block, as `quant.quantize_4bit`.
+        double_quant: quantize the block scales too, as `quant.quantize_4bit`.
 
     Returns:
         (Q, A, B): Q a `Quantized4bit` of dtype W.dtype; A (r, in), B (out, r) float64, on
