@@ -2,6 +2,7 @@
 
 import torch
 from torch import nn
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from lowrank.torch import add_lora, lora_layers
@@ -85,3 +86,39 @@ def assert_same_state(before: dict, after: dict) -> None:
     for name, tensor in before["tensors"].items():
         assert torch.equal(after["tensors"][name], tensor), name
     assert after["grad"] == before["grad"] and after["active"] == before["active"]
+
+
+TINY_VOCAB = 40  # the tiny Hugging Face models' vocabulary
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    """A random 2-layer Llama, hidden 16 (PEFT interop tests)."""
+    return LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=TINY_VOCAB,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+    )
+
+
+def tiny_bert() -> BertModel:
+    """A random 2-layer BERT encoder, hidden 16 (PEFT interop tests)."""
+    return BertModel(
+        BertConfig(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            vocab_size=TINY_VOCAB,
+            max_position_embeddings=16,
+            pad_token_id=0,
+        )
+    )

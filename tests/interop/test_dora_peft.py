@@ -15,49 +15,18 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+from toy_models import TINY_VOCAB, tiny_bert, tiny_llama
 
 from lowrank.torch import add_lora, count_parameters, load_adapter, merge_lora, save_adapter
 from lowrank.torch.model import lora_layers
 
-VOCAB = 40
+VOCAB = TINY_VOCAB
 TOLERANCE = dict(rtol=1e-10, atol=1e-10)
 
 
-def llama():
-    return LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-            max_position_embeddings=16,
-            bos_token_id=0,
-            eos_token_id=0,
-            pad_token_id=0,
-        )
-    )
-
-
-def bert():
-    return BertModel(
-        BertConfig(
-            hidden_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=32,
-            vocab_size=VOCAB,
-            max_position_embeddings=16,
-            pad_token_id=0,
-        )
-    )
-
-
 CASES = {  # (model, targets, rank_pattern)
-    "llama": (llama, ["q_proj", "v_proj", "down_proj"], {"0.self_attn.v_proj": 2}),
-    "bert": (bert, ["query", "value", "output.dense"], {}),
+    "llama": (tiny_llama, ["q_proj", "v_proj", "down_proj"], {"0.self_attn.v_proj": 2}),
+    "bert": (tiny_bert, ["query", "value", "output.dense"], {}),
 }
 IDS = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
 

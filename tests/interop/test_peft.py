@@ -15,14 +15,12 @@ import dataclasses
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from toy_models import TINY_VOCAB, tiny_bert, tiny_llama
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
-    BertModel,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 
 from lowrank.torch import (
@@ -34,7 +32,7 @@ from lowrank.torch import (
     save_adapter,
 )
 
-VOCAB = 40
+VOCAB = TINY_VOCAB
 
 
 def gpt2():
@@ -51,42 +49,23 @@ def gpt2():
     )
 
 
-def llama():
-    return LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-            max_position_embeddings=16,
-            bos_token_id=0,
-            eos_token_id=0,
-            pad_token_id=0,
-        )
-    )
-
-
-def bert():
-    return BertModel(
-        BertConfig(
-            hidden_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=32,
-            vocab_size=VOCAB,
-            max_position_embeddings=16,
-            pad_token_id=0,
-        )
-    )
-
-
 # (model, targets, use_rslora, rank_pattern, alpha_pattern), all with a non-default alpha
 CASES = {
     "gpt2": (gpt2, ["c_attn", "c_fc", "wte"], True, {"h.1.attn.c_attn": 2}, {"h.0.mlp.c_fc": 3}),
-    "llama": (llama, ["q_proj", "v_proj", "embed_tokens"], False, {"0.self_attn.v_proj": 2}, {}),
-    "bert": (bert, ["query", "value", "output.dense"], True, {}, {"1.attention.self.value": 9}),
+    "llama": (
+        tiny_llama,
+        ["q_proj", "v_proj", "embed_tokens"],
+        False,
+        {"0.self_attn.v_proj": 2},
+        {},
+    ),
+    "bert": (
+        tiny_bert,
+        ["query", "value", "output.dense"],
+        True,
+        {},
+        {"1.attention.self.value": 9},
+    ),
 }
 IDS = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
 
