@@ -11,6 +11,7 @@ from .analysis import (
     subspace_similarity_grid,
 )
 from .codebooks import dynamic_map, fp4_code, int4_code, nf4_code
+from .conv import Conv2d, LoRAConv
 from .dora import DoRALinear
 from .factored import factored_best_rank_r, factored_core, factored_svd
 from .gradcheck import numerical_gradient, numerical_gradient_of_output, relative_error

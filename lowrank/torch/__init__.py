@@ -23,6 +23,7 @@ from .analysis import (
 from .bnb_format import from_bnb_state_dict, to_bnb_state_dict
 from .checkpoint import load_trainable, save_trainable
 from .codebooks import dynamic_map, fp4_code, int4_code, nf4_code
+from .conv import LoRAConv
 from .convert import convert_adapter
 from .dora import DoRALinear
 from .extract import extract_adapter

@@ -35,7 +35,10 @@ is Delta W = s * B @ A, under the model's own module path:
   MergedLinear (grouped q, k, v with enable_lora) saves: refused by name.
 
 Without a model, every layer is read as a linear layer (PEFT's `lora_embedding_A/B` keys are
-the exception, marked `embedding`). Every reader checks: A and B agree in r, finite floating
+the exception, marked `embedding`). A PEFT convolution's factors, A (r, in_channels, *kernel)
+and B (out, r, 1, ...), are read flattened to A (r, in_channels * prod(kernel)) and B (out, r)
+with `flatten_convs` (the conv as a linear map on patches, `lowrank.torch.conv`; `raw` keeps
+them as stored), and refused without it. Every reader checks: A and B agree in r, finite floating
 tensors, every A has its B, no other key that looks like a factor; errors name file and key.
 
 (About 430 lines: three readers, each with the checks of what its files may hold.)
@@ -192,11 +195,16 @@ def read_adapter(
     format: str | None = None,
     convention: str | None = None,
     alpha: float | None = None,
+    flatten_convs: bool = False,
 ) -> AdapterFiles:
     """Read an adapter folder or file into `AdapterFiles` (format auto-detected if None).
 
     `convention` ("alpha/r", "alpha", "none") applies to PEFT-layout files only; `alpha` is
     loralib's (required there, refused elsewhere: the other formats store their scale).
+    `flatten_convs`: read a PEFT convolution's factors, A (r, in_channels, *kernel) and
+    B (out, r, 1, ...), as the matrices (r, in_channels * prod(kernel)) and (out, r), the conv
+    as a linear map on patches (`lowrank.torch.conv`; what `inspect` reports). Without it they
+    are refused by name: a tool that writes the factors back as matrices would lose the layout.
 
     Examples:
         >>> import tempfile
@@ -227,7 +235,7 @@ def read_adapter(
                 f"--alpha is for loralib state dicts only; {format} files hold their scale"
             )
     if format == "peft":
-        return _read_peft(path.parent if path.is_file() else path, convention)
+        return _read_peft(path.parent if path.is_file() else path, convention, flatten_convs)
     if format == "mlx-lm":
         return _read_mlx(path.parent if path.is_file() else path)
     return _read_loralib(path, alpha)
@@ -323,7 +331,8 @@ def _pair(path: Path, name: str, A: torch.Tensor, B: torch.Tensor, keys: tuple[s
     if A.dim() != 2 or B.dim() != 2:
         raise ValueError(
             f"{path}: {keys[0]} is {tuple(A.shape)} and {keys[1]} is {tuple(B.shape)}; LoRA "
-            "factors are matrices (3-D factors are mixture-of-experts layers, not supported)"
+            "factors are matrices (3-D factors are mixture-of-experts layers, not supported; "
+            "a convolution's are read by inspect only)"
         )
     if A.shape[0] != B.shape[1]:
         raise ValueError(
@@ -332,7 +341,16 @@ def _pair(path: Path, name: str, A: torch.Tensor, B: torch.Tensor, keys: tuple[s
         )
 
 
-def _read_peft(folder: Path, convention: str | None) -> AdapterFiles:
+def _flat_conv_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's factors of a Conv1d / Conv2d, A (r, in_channels, *kernel) and B (out, r, 1, ...),
+    as the matrices (r, in_channels * prod(kernel)) and (out, r) (`lowrank.torch.conv`); other
+    factors as they are."""
+    if A.dim() in (3, 4) and B.dim() == A.dim() and all(size == 1 for size in B.shape[2:]):
+        return A.flatten(1), B.flatten(1)
+    return A, B
+
+
+def _read_peft(folder: Path, convention: str | None, flatten_convs: bool) -> AdapterFiles:
     with reading_folder(folder) as readable:
         weights = readable / WEIGHTS_NAME
         if weights.is_file():
@@ -370,6 +388,8 @@ def _read_peft(folder: Path, convention: str | None) -> AdapterFiles:
                 f"{weights}: {have} has no matching {'B' if 'A' in keys else 'A'} factor"
             )
         A, B = tensors[keys["A"]], tensors[keys["B"]]
+        if flatten_convs:
+            A, B = _flat_conv_factors(A, B)
         _pair(weights, name, A, B, (keys["A"], keys["B"]))
         r, alpha = ranks[name], float(alphas[name])
         if A.shape[0] != r:

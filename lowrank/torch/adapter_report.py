@@ -13,7 +13,8 @@ With a base (a model folder or a bare config.json, built on the meta device by
 - coverage: the layers the adapter's targets select that get no factors, and the factors that
   name no module of the model (mlx-lm's `keys` over its last `num_layers` blocks; loralib
   files name no targets);
-- shapes: each A (r, in) and B (out, r) against the module's in_features / out_features;
+- shapes: each A (r, in) and B (out, r) against the module's in_features / out_features (a
+  conv's factors flattened: in = in_channels * prod(kernel), `lowrank.torch.conv`);
 - for a PEFT file, the keys PEFT's loader would skip without an error (`peft_skips`): PEFT
   wraps the modules target_modules selects, renames the file's keys to its own and calls
   `load_state_dict(strict=False)`, so a key that names nothing in the wrapped model is
@@ -365,7 +366,9 @@ def inspect_adapter(
         >>> report.layers[0].energy_rank, len(report.layers[0].singular_values)  # B: rank 1
         (1, 2)
     """
-    adapter = read_adapter(path, format=format, convention=convention, alpha=alpha)
+    adapter = read_adapter(
+        path, format=format, convention=convention, alpha=alpha, flatten_convs=True
+    )
     layers = [_layer_report(layer, energy) for layer in adapter.layers.values()]
     if adapter.format == "peft":
         targets = adapter.config.get("target_modules")

@@ -8,10 +8,10 @@ file decides which (`match_targets`), puts a wrapper from `lowrank.torch.lora` o
 `lowrank.numpy.model`, on its tiny MLP.
 
 Which wrapper a layer gets is one table, as in minLoRA (`WRAPPERS`): adding a layer type is one
-wrapper class in `lora.py` and one row here. Target matching is one rule (`matches`), used by
-`add_lora` and by the PEFT loader, and the same as PEFT's: a list names layers exactly or by a
-dotted suffix ("q_proj" selects "model.layers.0.self_attn.q_proj"); a str is a regex that must
-match the whole qualified name.
+wrapper class (in `lora.py`, or a file of its own as `conv.py`) and one row here. Target
+matching is one rule (`matches`), used by `add_lora` and by the PEFT loader, and the same as
+PEFT's: a list names layers exactly or by a dotted suffix ("q_proj" selects
+"model.layers.0.self_attn.q_proj"); a str is a regex that must match the whole qualified name.
 
     add_lora(model, ["q_proj", "v_proj"], r=8, alpha=16)   # every q_proj and v_proj
     merge_lora(model)                                       # W <- W + scale * B @ A
@@ -29,6 +29,7 @@ from torch import nn
 
 from lowrank import _patterns
 from lowrank._validate import check_adapter, check_adapter_name, check_quant_type
+from lowrank.torch.conv import CONV_TYPES, LoRAConv
 from lowrank.torch.dora import DoRALinear
 from lowrank.torch.lora import LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear
 from lowrank.torch.modules_to_save import (
@@ -66,6 +67,8 @@ WRAPPERS: dict[type[nn.Module], type[LoRALayer]] = {
     nn.Linear: LoRALinear,
     Linear4bit: LoRALinear,
     nn.Embedding: LoRAEmbedding,
+    nn.Conv1d: LoRAConv,
+    nn.Conv2d: LoRAConv,
 }
 
 
@@ -212,7 +215,7 @@ def match_targets(
         >>> match_targets(model, ["q", "q_proj"])
         Traceback (most recent call last):
             ...
-        ValueError: target 'q_proj' matches no Linear/Conv1D/Embedding layer; ...
+        ValueError: target 'q_proj' matches no Linear/Conv1D/Embedding/Conv1d/Conv2d layer; ...
     """
     candidates = candidate_names(model)
     if isinstance(targets, str):
@@ -232,8 +235,8 @@ def match_targets(
             leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates})
             example = f" (e.g. {candidates[0]!r})" if candidates else ""
             raise ValueError(
-                f"target {pattern!r} matches no Linear/Conv1D/Embedding layer; candidate "
-                f"module names: {', '.join(leaves) or 'none'}{example}"
+                f"target {pattern!r} matches no Linear/Conv1D/Embedding/Conv1d/Conv2d layer; "
+                f"candidate module names: {', '.join(leaves) or 'none'}{example}"
             )
     chosen = {n for names in selected for n in names}
     return [n for n in candidates if n in chosen]
@@ -336,14 +339,16 @@ def add_lora(
     Args:
         model: the model, changed in place.
         targets: a list of exact qualified names or dotted suffixes (["q_proj", "v_proj"]), or
-            a str regex matched against the whole name. Linear, GPT-2 Conv1D and Embedding
-            layers (and 4-bit Linear4bit) can be selected; a pattern that selects none raises
-            ValueError listing the candidate names.
+            a str regex matched against the whole name. Linear, GPT-2 Conv1D, Embedding,
+            nn.Conv1d and nn.Conv2d layers (`lowrank.torch.conv`; groups=1 only) and 4-bit
+            Linear4bit can be selected; a pattern that selects none raises ValueError listing
+            the candidate names.
         r: the rank of each update B @ A (A [r, in], B [out, r]).
         alpha: the update is scaled by alpha / r (alpha / sqrt(r) with `use_rslora`).
         dropout: dropout probability on the adapter's input x.
         quant_type: "nf4", "fp4" (or "int4") replaces each selected Linear/Conv1D by a frozen
             4-bit `Linear4bit` (blocksize 64, double quantization): QLoRA. None: no change.
+            A selected nn.Conv1d / nn.Conv2d is refused (ValueError): no 4-bit convolutions.
         adapter_name: the new adapter's name (no '.').
         use_rslora: scale by alpha / sqrt(r) instead of alpha / r.
         init: how A starts, "kaiming" (as nn.Linear's weight) or "gaussian"; B starts at 0.
@@ -425,10 +430,15 @@ def add_lora(
                 f"layer {name!r} is a {type(module).__name__}; DoRA (use_dora) "
                 "applies to Linear layers only"
             )
-        in_features, out_features = features(module)
+        if quant_type is not None and isinstance(module, (*CONV_TYPES, LoRAConv)):
+            raise ValueError(
+                f"layer {name!r} is a convolution; quant_type (4-bit QLoRA) applies to Linear "
+                "and GPT-2 Conv1D layers only"
+            )
         r_here = pattern_value(rank_pattern or {}, name, r)
         alpha_here = pattern_value(alpha_pattern or {}, name, alpha)
         try:
+            in_features, out_features = features(module)  # a grouped conv raises here
             check_adapter(
                 r=r_here,
                 alpha=alpha_here,

@@ -12,6 +12,8 @@ with `PREFIX`):
                                  base_model.model.<embedding path>.lora_embedding_A  [r, num]
                                  base_model.model.<embedding path>.lora_embedding_B  [dim, r]
                                  base_model.model.<module path>.lora_magnitude_vector [out]
+                                 (a conv: lora_A.weight [r, in_channels, *kernel],
+                                  lora_B.weight [out, r, 1, ...]; `lowrank.torch.conv`)
                                  base_model.model.<module path>.<tensor>    modules_to_save
 
 A DoRA adapter (Liu et al. 2024, arXiv:2402.09353; `lowrank.torch.dora`) has `"use_dora":
@@ -74,6 +76,7 @@ from lowrank._validate import (
     check_positive_number,
 )
 from lowrank.torch.adapters import check_known
+from lowrank.torch.conv import LoRAConv
 from lowrank.torch.dora import DoRALinear
 from lowrank.torch.lora import LoRAConv1D, LoRAEmbedding
 from lowrank.torch.model import (
@@ -131,8 +134,9 @@ def _keys(name: str, embedding: bool) -> tuple[str, str]:
 def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """Adapter `adapter_name`'s factors under PEFT's keys (detached, on the CPU).
 
-    A layer's A is [r, in] and its B [out, r] (an embedding's A is [r, num_embeddings]); a
-    DoRA layer adds its magnitude [out] (`magnitude_key`).
+    A layer's A is [r, in] and its B [out, r] (an embedding's A is [r, num_embeddings]; a
+    convolution's are PEFT's conv factors, A [r, in_channels, *kernel] and B [out, r, 1, ...]:
+    `conv.peft_factor_shapes`); a DoRA layer adds its magnitude [out] (`magnitude_key`).
 
     Examples:
         >>> from collections import OrderedDict
@@ -148,8 +152,11 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
     for name, layer in lora_layers(model):
         if adapter_name in layer.A:
             key_A, key_B = _keys(name, isinstance(layer, LoRAEmbedding))
-            state[key_A] = layer.A[adapter_name].detach().cpu().contiguous()  # (r, in)
-            state[key_B] = layer.B[adapter_name].detach().cpu().contiguous()  # (out, r)
+            A, B = layer.A[adapter_name], layer.B[adapter_name]  # (r, in), (out, r)
+            if isinstance(layer, LoRAConv):  # (r, in_channels, *kernel), (out, r, 1, ...)
+                A, B = layer.conv_factors(adapter_name)
+            state[key_A] = A.detach().cpu().contiguous()
+            state[key_B] = B.detach().cpu().contiguous()
             if isinstance(layer, DoRALinear):
                 magnitude = layer.magnitude[adapter_name].detach().cpu().contiguous()  # (out,)
                 state[magnitude_key(name)] = magnitude

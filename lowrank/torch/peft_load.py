@@ -25,6 +25,7 @@ from lowrank import _patterns
 from lowrank._folders import reading_folder
 from lowrank._validate import check_adapter_name
 from lowrank.torch.adapters import check_unmerged
+from lowrank.torch.conv import CONV_TYPES, peft_factor_shapes
 from lowrank.torch.dora import DoRALinear
 from lowrank.torch.lora import LoRAConv1D, LoRAEmbedding, LoRALayer
 from lowrank.torch.model import (
@@ -112,7 +113,8 @@ def plan_load(
     ranks, the existing adapter. ValueError naming the first mismatches.
 
     `config` and `tensors` are what `peft_format.read_adapter_files` read from `folder`
-    (named in errors); each layer's A must be [r, in] and B [out, r] for the layer it names,
+    (named in errors); each layer's A must be [r, in] and B [out, r] for the layer it names
+    (a convolution's PEFT's conv factors, `conv.peft_factor_shapes`, flattened into the plan),
     and with use_dora its `lora_magnitude_vector` [out] (DoRA: Linear layers only, and a layer
     already wrapped must hold adapters of the same kind).
     The config's modules_to_save select modules as PEFT selects them (`peft_selects`); each
@@ -171,14 +173,23 @@ def plan_load(
             problems.append(f"missing {key_A if key_A not in tensors else key_B}")
             continue
         A, B = tensors[key_A], tensors[key_B]
-        in_features, out_features = features(module)
+        try:
+            in_features, out_features = features(module)
+        except ValueError as error:  # a grouped convolution
+            problems.append(f"{name}: {error}")
+            continue
         r, alpha = ranks[name], alphas[name]
-        if A.shape != (r, in_features) or B.shape != (out_features, r):
+        shape_A, shape_B = (r, in_features), (out_features, r)
+        base = module.base_layer if isinstance(module, LoRALayer) else module
+        if isinstance(base, CONV_TYPES):  # PEFT's conv factors, flattened to (r, in), (out, r)
+            shape_A, shape_B = peft_factor_shapes(base, r)
+        if A.shape != shape_A or B.shape != shape_B:
             problems.append(
                 f"{name}: A {tuple(A.shape)}, B {tuple(B.shape)} but the layer and r={r} need "
-                f"A {(r, in_features)}, B {(out_features, r)}"
+                f"A {shape_A}, B {shape_B}"
             )
             continue
+        A, B = A.reshape(r, in_features), B.reshape(out_features, r)
         if name in existing and module.r[adapter_name] != r:
             problems.append(f"{name}: adapter {adapter_name!r} has r={module.r[adapter_name]}")
             continue

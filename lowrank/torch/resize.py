@@ -18,7 +18,8 @@ a layer's A and B change even at r' = r. Layers whose r' differs from the most c
 rank_pattern and alpha_pattern entries (escaped exact names). Every other tensor (modules_to_save,
 saved embedding matrices) and every other config field passes through unchanged. Resizing never
 adds rank: a `rank` above a layer's r keeps that layer's r (reported as capped), because the
-extra directions would be zeros.
+extra directions would be zeros. A conv layer's factors (PEFT's A (r, in_channels, *kernel),
+B (out, r, 1, ...)) are resized as the matrices they flatten to and written back in that layout.
 
 The report gives per layer r, r', ||s B A||_F, the error ||s B A - B' A'||_F of the written
 factors (computed from the stacked factors `[s B, -B'] @ [A; A']`, again by QR) and the
@@ -39,6 +40,7 @@ from safetensors.torch import save_file
 from lowrank import _patterns
 from lowrank._folders import reading_folder, write_folder_atomically
 from lowrank._validate import check_int
+from lowrank.torch.adapter_files import _flat_conv_factors
 from lowrank.torch.factored import factored_core, factored_svd
 from lowrank.torch.peft_format import (
     ADAPTER_FILES,
@@ -187,12 +189,13 @@ def _layers(folder: Path, config: dict, tensors: dict) -> dict[str, tuple[str, s
         key_A, key_B, _ = keys[name]
         if key_A is None or key_B is None:
             raise ValueError(f"{folder / WEIGHTS_NAME}: layer {name!r} has only one factor")
-        A, B = tensors[key_A], tensors[key_B]
+        A, B = _flat_conv_factors(tensors[key_A], tensors[key_B])
         r = ranks[name]
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r:
             raise ValueError(
-                f"{folder}: layer {name!r} has A {tuple(A.shape)} and B {tuple(B.shape)}, but "
-                f"the config gives it r={r} (A must be (r, in), B (out, r))"
+                f"{folder}: layer {name!r} has A {tuple(tensors[key_A].shape)} and B "
+                f"{tuple(tensors[key_B].shape)}, but the config gives it r={r} (A must be "
+                "(r, in), B (out, r); a conv's (r, in_channels, *kernel), (out, r, 1, ...))"
             )
         root = math.sqrt(r) if config["use_rslora"] else r
         layers[name] = (key_A, key_B, alphas[name] / root)
@@ -217,7 +220,8 @@ def resize_adapter(
 
     Exactly one of `rank` (r' = min(rank, the layer's r): never more) and `energy` (r' per
     layer: the smallest rank holding that share of ||s B A||_F^2). Each layer's update s B A
-    (B (out, r), A (r, in)) is replaced by its truncated SVD B' (out, r'), A' (r', in) with
+    (B (out, r), A (r, in); a conv's factors flattened, and written back in PEFT's conv layout)
+    is replaced by its truncated SVD B' (out, r'), A' (r', in) with
     lora_alpha = r' (scale 1; see the module docstring), computed in float64 from the factors
     (`factored_svd`) and stored in the source's dtype. The folder is written as a unit
     (`write_folder_atomically`); `out_folder` may be `adapter_folder` itself.
@@ -253,13 +257,15 @@ def resize_adapter(
         layers = _layers(folder, config, tensors)
     written, rows = dict(tensors), []
     for name, (key_A, key_B, scale) in layers.items():
-        A, B = tensors[key_A], tensors[key_B]  # (r, in), (out, r)
+        A, B = _flat_conv_factors(tensors[key_A], tensors[key_B])  # (r, in), (out, r)
         U, s, Vh = factored_svd(scale * B.double(), A)  # (out, k), (k,), (k, in)
         r_new = choose_rank(s, len(s), rank, energy)
         root = s[:r_new].sqrt()  # the even split
         new_B = (U[:, :r_new] * root).to(B.dtype).contiguous()  # (out, r')
         new_A = (root[:, None] * Vh[:r_new]).to(A.dtype).contiguous()  # (r', in)
-        written[key_A], written[key_B] = new_A, new_B
+        kernel, ones = tensors[key_A].shape[2:], tensors[key_B].shape[2:]  # () unless a conv
+        written[key_A] = new_A.reshape(r_new, -1, *kernel) if kernel else new_A
+        written[key_B] = new_B.reshape(len(new_B), r_new, *ones) if ones else new_B
         rows.append(
             LayerResize(
                 name=name,
