@@ -1,5 +1,5 @@
 """The notebooks' conventions, checked on the committed files (running them is nbmake's job):
-committed without outputs, numbered 01-07, each opening with what it teaches and needs, using
+committed without outputs, numbered 01-08, each opening with what it teaches and needs, using
 the library rather than copies of it, honouring LOWRANK_SMOKE, and ending with exercises."""
 
 import json
@@ -10,8 +10,8 @@ import pytest
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_seven_numbered_notebooks():
-    assert [path.name[:3] for path in NOTEBOOKS] == [f"0{i}_" for i in range(1, 8)]
+def test_eight_numbered_notebooks():
+    assert [path.name[:3] for path in NOTEBOOKS] == [f"0{i}_" for i in range(1, 9)]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)

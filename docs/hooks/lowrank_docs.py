@@ -1,6 +1,6 @@
 """mkdocs hooks for lowrank's site: notebooks, commands run at build time, a whole API reference.
 
-1. The seven notebooks in `notebooks/` become pages `notebooks/NN_name.ipynb` (mkdocs-jupyter
+1. The eight notebooks in `notebooks/` become pages `notebooks/NN_name.ipynb` (mkdocs-jupyter
    executes and renders them). They run in smoke mode with static widget panels (a built site
    has no kernel): LOWRANK_SMOKE=1 and LOWRANK_STATIC=1 unless the builder set them.
 2. A line `<!-- run: lowrank claims bits -->` is replaced by the command and its real output,
