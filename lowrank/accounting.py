@@ -35,6 +35,7 @@ from lowrank._validate import (
     FLOAT_DTYPES,
     METHODS,
     check_blocksize,
+    check_bool,
     check_choice,
     check_int,
     check_rank,
@@ -105,22 +106,26 @@ class ParamCounts:
         return self.trainable / self.total
 
 
-def lora_parameters(shapes: Iterable[tuple[int, int]], r: int) -> int:
+def lora_parameters(shapes: Iterable[tuple[int, int]], r: int, *, dora: bool = False) -> int:
     """Trainable parameters of LoRA adapters on weights of the given (out, in) shapes:
     A [r, in] plus B [out, r], so r * (in + out) per matrix. An r above min(out, in) is
     counted as it is stored, with a warning (`_validate.check_rank`). Hu et al. 2021,
-    arXiv:2106.09685.
+    arXiv:2106.09685. DoRA (Liu et al. 2024, arXiv:2402.09353) also trains a magnitude per
+    output feature (PEFT's `lora_magnitude_vector`, [out]): r * (in + out) + out per matrix.
 
     Examples:
         >>> from lowrank.accounting import lora_parameters
         >>> lora_parameters([(768, 768), (768, 768)], r=8)  # 2 * 8 * (768 + 768)
         24576
+        >>> lora_parameters([(768, 768), (768, 768)], r=8, dora=True)  # + 2 * 768 magnitudes
+        26112
     """
     check_int("r", r)
+    check_bool("dora", dora)
     total = 0
     for out, in_ in shapes:
         check_rank(r, in_, out)
-        total += r * (in_ + out)
+        total += r * (in_ + out) + (out if dora else 0)
     return total
 
 
@@ -147,14 +152,20 @@ def lora_target_shapes(shape: TransformerShape, targets: Iterable[str]) -> list[
 
 
 def param_counts(
-    shape: TransformerShape, *, method: str, r: int = 8, targets: Iterable[str] = ("q", "v")
+    shape: TransformerShape,
+    *,
+    method: str,
+    r: int = 8,
+    targets: Iterable[str] = ("q", "v"),
+    dora: bool = False,
 ) -> ParamCounts:
     """Trainable and total parameters for a fine-tuning method.
 
     full: everything trains. lora / qlora: only the adapters on `targets` (names from
-    `shape.linear_shapes()`) train; the total is the model plus the adapters. QLoRA stores the
-    frozen weights in 4 bits but has the same counts as LoRA. LoRA: Hu et al. 2021,
-    arXiv:2106.09685; QLoRA: Dettmers et al. 2023, arXiv:2305.14314.
+    `shape.linear_shapes()`) train, with DoRA's magnitudes if `dora` (`lora_parameters`); the
+    total is the model plus the adapters. QLoRA stores the frozen weights in 4 bits but has the
+    same counts as LoRA. LoRA: Hu et al. 2021, arXiv:2106.09685; QLoRA: Dettmers et al. 2023,
+    arXiv:2305.14314.
 
     Examples:
         >>> from lowrank.accounting import param_counts
@@ -166,8 +177,12 @@ def param_counts(
     """
     check_choice("method", method, METHODS)
     if method == "full":
+        if dora:
+            raise ValueError(
+                "dora=True needs method 'lora' or 'qlora': full fine-tuning has no adapter"
+            )
         return ParamCounts(trainable=shape.n_params(), total=shape.n_params())
-    adapters = lora_parameters(lora_target_shapes(shape, targets), r)
+    adapters = lora_parameters(lora_target_shapes(shape, targets), r, dora=dora)
     return ParamCounts(trainable=adapters, total=shape.n_params() + adapters)
 
 
@@ -262,19 +277,37 @@ def weight_bytes(
 
 
 def adapter_checkpoint_bytes(
-    shape: TransformerShape, *, r: int = 8, targets: Iterable[str] = ("q", "v"), dtype: str = "fp16"
+    shape: TransformerShape,
+    *,
+    r: int = 8,
+    targets: Iterable[str] = ("q", "v"),
+    dtype: str = "fp16",
+    dora: bool = False,
+    plain_lora_copy: bool = False,
 ) -> int:
     """Bytes of a saved LoRA adapter (A and B of every target; the file's small header aside).
     The full fine-tuning checkpoint to compare with is weight_bytes(shape, dtype).
+
+    dora: DoRA's magnitude vectors are saved too, one number per output feature (Liu et al.
+    2024, arXiv:2402.09353). plain_lora_copy: a PiSSA or OLoRA adapter saved as a plain LoRA
+    against the original base (`lowrank.torch.pissa.plain_lora_copy`, PEFT's
+    `path_initial_model_for_weight_conversion`): B' A' = B A - B0 A0 has rank 2r, so A' and B'
+    hold twice the numbers (Meng et al. 2024, arXiv:2404.02948).
 
     Examples:
         >>> from lowrank.accounting import adapter_checkpoint_bytes, format_bytes
         >>> from lowrank.shapes import GPT3_175B
         >>> format_bytes(adapter_checkpoint_bytes(GPT3_175B, r=4))  # the LoRA paper's "35MB"
         '37.7 MB (36.0 MiB)'
+        >>> format_bytes(adapter_checkpoint_bytes(GPT3_175B, r=4, plain_lora_copy=True))
+        '75.5 MB (72.0 MiB)'
     """
     check_choice("dtype", dtype, FLOAT_DTYPES)
-    return tensor_bytes(lora_parameters(lora_target_shapes(shape, targets), r), dtype)
+    check_bool("plain_lora_copy", plain_lora_copy)
+    if dora and plain_lora_copy:
+        raise ValueError("a plain LoRA copy has no DoRA magnitude: pass dora or plain_lora_copy")
+    rank = 2 * r if plain_lora_copy else r
+    return tensor_bytes(lora_parameters(lora_target_shapes(shape, targets), rank, dora=dora), dtype)
 
 
 # --- training memory --------------------------------------------------------------------------
@@ -357,6 +390,7 @@ def training_memory(
     blocksize: int = 64,
     double_quant: bool = True,
     unquantized_dtype: str = "bf16",
+    dora: bool = False,
 ) -> MemoryBreakdown:
     """Bytes of GPU memory to fine-tune `shape`, activations excluded.
 
@@ -368,6 +402,7 @@ def training_memory(
     optimizer: "adamw" keeps two fp32 moments per trainable parameter (8 bytes), "sgd" none.
     master_weights: keep an fp32 copy of 16-bit trainable parameters (mixed precision as in ZeRO,
     Rajbhandari et al. 2020: 2 + 2 + 12 = 16 bytes per parameter for full fine-tuning).
+    dora: DoRA adapters, whose magnitudes train with A and B (`lora_parameters`).
 
     Full fine-tuning in bf16 with AdamW and no master copy costs 2 + 2 + 8 = 12 bytes per
     parameter: LLaMA-65B -> 783 GB, the QLoRA paper's ">780GB". LoRA keeps the 2-byte frozen
@@ -407,12 +442,13 @@ def training_memory(
         double_quant=double_quant,
         unquantized_dtype=unquantized_dtype,
     )
-    counts = param_counts(shape, method=method, r=r, targets=targets)
+    counts = param_counts(shape, method=method, r=r, targets=targets, dora=dora)
     trainable_dtype = weight_dtype if method == "full" else adapter_dtype
     gradients = tensor_bytes(counts.trainable, trainable_dtype)
     moments = 2 * tensor_bytes(counts.trainable, "fp32") if optimizer == "adamw" else 0
     needs_master = master_weights and trainable_dtype != "fp32"
-    adapted = "" if method == "full" else f" r={r} on {'/'.join(targets)}"
+    kind = " DoRA" if dora else ""
+    adapted = "" if method == "full" else f"{kind} r={r} on {'/'.join(targets)}"
     label = f"{shape.name}, {method}{adapted}, weights {weight_dtype}, {optimizer}"
     return MemoryBreakdown(
         weights=weights,

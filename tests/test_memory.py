@@ -82,6 +82,74 @@ def test_parameter_counts_match_transformers_and_peft(kind):
     assert lora.trainable_params == trainable
 
 
+@pytest.mark.parametrize("kind", ["llama", "bert"])  # lowrank's DoRA is for nn.Linear layers
+def test_dora_counts_its_magnitudes_as_peft_does(kind):
+    # Oracle: PEFT's trainable count with use_dora=True (A, B and lora_magnitude_vector).
+    import peft
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[kind], use_dora=True)
+    trainable, _ = peft.get_peft_model(_tiny_model(kind), config).get_nb_trainable_parameters()
+    dora = estimate_memory(TINY[kind], method="lora", r=4, batch_size=1, seq_len=8, dora=True)
+    assert dora.trainable_params == trainable
+    assert "adapters: DoRA r=4" in str(dora)
+
+
+@pytest.mark.parametrize("variant", ["dora", "plain_lora_copy"])
+def test_adapter_checkpoint_bytes_match_the_saved_file(tmp_path, variant):
+    # Oracle: the tensors lowrank's PEFT writer puts in adapter_model.safetensors, counted by
+    # safetensors itself: DoRA's magnitude vectors, and PiSSA's plain-LoRA copy at rank 2r.
+    from safetensors.torch import load_file
+
+    from lowrank.accounting import adapter_checkpoint_bytes
+    from lowrank.torch import add_lora, save_adapter
+    from lowrank.torch.pissa import pissa_init, plain_lora_copy
+
+    model = add_lora(_tiny_model("llama"), TARGETS["llama"], r=4, use_dora=variant == "dora")
+    if variant == "plain_lora_copy":
+        model = plain_lora_copy(model, pissa_init(model))
+    save_adapter(model, tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    n_bytes = sum(t.numel() * t.element_size() for t in saved.values())
+    expected = adapter_checkpoint_bytes(
+        config_to_shape(TINY["llama"]), r=4, targets=("q", "v"), dtype="fp32", **{variant: True}
+    )
+    assert n_bytes == expected
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_each_gpu_runs_its_share_of_the_batch(method):
+    # Each GPU's activations are those of batch_size / N sequences, whichever the strategy;
+    # DDP keeps the whole weights, adapters and optimizer state on every GPU, FSDP a 1/N shard
+    # of each (the 4-bit constants aside), so FSDP's total is below DDP's.
+    one = estimate_memory(LLAMA_65B, method=method, batch_size=2, seq_len=512)
+    ddp, fsdp = (
+        estimate_memory(LLAMA_65B, method=method, batch_size=16, seq_len=512, gpus=8,
+                        strategy=strategy) for strategy in ("ddp", "fsdp")
+    )  # fmt: skip
+    for estimate in (ddp, fsdp):
+        assert estimate.per_batch.saved == one.per_batch.saved
+    for part in ("weights", "adapters", "gradients", "optimizer_states"):
+        assert getattr(ddp, part) == getattr(one, part)
+        assert getattr(fsdp, part) <= -(-getattr(one, part) // 8) + one.weight_parts.get(
+            "absmax, double-quant", 0)  # fmt: skip
+    assert ddp.parallel_parts == {"DDP gradient buckets": one.gradients}
+    assert fsdp.total < ddp.total
+    assert one.gpus == 1 and one.strategy == "" and one.parallel_parts == {}
+
+
+def test_largest_batch_on_several_gpus_is_a_multiple_of_them():
+    options = dict(method="qlora", seq_len=512, gpus=4, strategy="fsdp")
+    n = largest_batch_size(80 * 2**30, LLAMA_65B, **options)
+    assert n > 0 and n % 4 == 0
+    assert estimate_memory(LLAMA_65B, batch_size=n, **options).fits(80 * 2**30)
+    assert not estimate_memory(LLAMA_65B, batch_size=n + 4, **options).fits(80 * 2**30)
+
+
+def test_dora_needs_an_adapter():
+    with pytest.raises(ValueError, match="dora=True needs method 'lora' or 'qlora'"):
+        estimate_memory(TINY["llama"], method="full", dora=True)
+
+
 @pytest.mark.parametrize("kind", sorted(TINY))
 def test_qlora_defaults_to_every_linear_layer_lora_to_query_and_value(kind):
     # Oracle: the linear layers lowrank's own QLoRA default adapts in the real model
@@ -274,6 +342,8 @@ CASES = [
     ("bert", "lora", None, 8, 128, {}),
     ("bert", "lora", None, 8, 128, {"config": NO_DROPOUT}),  # the fused kernel on a CPU
     ("bert", "qlora", None, 4, 512, {}),  # every linear layer, long sequences
+    ("llama", "qlora", None, 8, 128, {"dora": True}),  # DoRA's two fp32 terms per layer
+    ("bert", "lora", None, 8, 128, {"dora": True}),
 ]
 
 

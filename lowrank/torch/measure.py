@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank._validate import FLOAT_DTYPES, METHODS, check_choice, check_int
+from lowrank._validate import FLOAT_DTYPES, METHODS, check_bool, check_choice, check_int
 from lowrank.shapes import (
     ALL_LINEAR,
     MODEL_FAMILIES,
@@ -178,6 +178,7 @@ def measure_peak_memory(
     steps: int = 2,
     device: str = "cpu",
     dtype: str = "fp32",
+    dora: bool = False,
 ) -> int:
     """Measure what `estimate_memory(..., dtype=dtype, device=device)` estimates: the peak bytes
     of building the model (random weights from `config`) and training it `steps` AdamW steps.
@@ -198,6 +199,7 @@ def measure_peak_memory(
         steps: AdamW steps measured.
         device: "cpu" or "cuda".
         dtype: the model's weights and activations ("fp32", "bf16", "fp16").
+        dora: DoRA adapters (`add_lora(..., use_dora=True)`; Liu et al. 2024) instead of LoRA.
 
     Returns:
         The rise of the peak memory in bytes while building and training the model.
@@ -232,6 +234,7 @@ def measure_receipt(
     steps: int = 2,
     device: str = "cpu",
     dtype: str = "fp32",
+    dora: bool = False,
 ) -> dict:
     """`measure_peak_memory`, itemised: the peak and what the measuring process counted.
 
@@ -256,12 +259,17 @@ def _case(*, receipt: bool, **arguments) -> dict:
     check_choice("method", arguments["method"], METHODS)
     check_choice("device", arguments["device"], ("cpu", "cuda"))
     check_choice("dtype", arguments["dtype"], FLOAT_DTYPES)
+    check_bool("dora", arguments["dora"])
     for name in ("batch_size", "seq_len", "r", "steps"):
         check_int(name, arguments[name])
     config = read_config(arguments.pop("config"))
     config_to_shape(config)  # an architecture lowrank knows, with sizes that fit together
     targets = arguments["targets"]
     if arguments["method"] == "full":
+        if arguments["dora"]:
+            raise ValueError(
+                "dora=True needs method 'lora' or 'qlora': full fine-tuning has no adapter"
+            )
         targets = None
     elif targets is None:
         targets = method_default_targets(arguments["method"], config.get("model_type"))
@@ -297,7 +305,7 @@ def main() -> None:
         ...           "vocab_size": 128, "n_positions": 64}
         >>> case = {"config": config, "method": "full", "batch_size": 1, "seq_len": 32, "r": 8,
         ...         "targets": None, "gradient_checkpointing": False, "steps": 2, "device": "cpu",
-        ...         "dtype": "fp32", "receipt": False}
+        ...         "dtype": "fp32", "dora": False, "receipt": False}
         >>> command = [sys.executable, "-m", "lowrank.torch.measure", json.dumps(case)]
         >>> done = subprocess.run(command, capture_output=True, text=True)  # doctest: +SKIP
         >>> int(done.stdout.splitlines()[-1]) > 0  # the rise in bytes  # doctest: +SKIP
@@ -327,7 +335,8 @@ def main() -> None:
             if targets in (ALL_LINEAR, [ALL_LINEAR]):
                 targets = all_linear_targets(model)
             quant_type = "nf4" if case["method"] == "qlora" else None
-            add_lora(model, targets, r=case["r"], alpha=16, quant_type=quant_type)
+            add_lora(model, targets, r=case["r"], alpha=16, quant_type=quant_type,
+                     use_dora=case["dora"])  # fmt: skip
         if case["gradient_checkpointing"]:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
