@@ -171,7 +171,13 @@ def _add_finetune(commands) -> None:
     add("model", help="Hugging Face model name (cached) or local folder")
     add("data", help='JSONL: {"text"}, {"prompt", "completion"} or {"text", "label"} per line')
     add("--method", choices=METHODS, default="lora", help=_METHODS_HELP)
-    add("--r", type=_positive_int, default=8, help="LoRA rank")
+    add(
+        "--r",
+        "--lora-r",
+        type=_positive_int,
+        default=8,
+        help="LoRA rank (under torchrun write --lora-r: torchrun takes --r for its --rdzv-*)",
+    )
     add("--alpha", type=_positive_number, default=16.0, help="LoRA alpha (scale = alpha / r)")
     add("--dropout", type=fraction, default=0.0, help="dropout on the adapters' input")
     add(
@@ -252,6 +258,13 @@ def _add_finetune(commands) -> None:
         help="continue the run that wrote this checkpoint folder, with the same options "
         "(default: start afresh)",
     )
+    add(
+        "--strategy",
+        dest="parallel",
+        choices=("ddp", "fsdp"),
+        help="under torchrun (several processes): ddp replicates the model and averages the "
+        "adapters' gradients, fsdp shards every weight (no checkpoints); default: ddp",
+    )
     add("--out", type=_output_folder, default="runs/finetune", help="output folder")
     finetune.set_defaults(run=_job("finetune"))
 
@@ -292,6 +305,26 @@ def _add_estimate(commands) -> None:
         action="store_true",
         help="keep one activation per layer, recompute the rest in the backward pass (the "
         "other setting's total is printed too)",
+    )
+    add(
+        "--dora",
+        action="store_true",
+        help="DoRA adapters: a trained magnitude per output feature, two more fp32 tensors "
+        "of each adapted layer's output width kept per token",
+    )
+    add(
+        "--gpus",
+        type=_positive_int,
+        default=1,
+        help="GPUs sharing each step (torchrun --nproc_per_node): --batch-size is split "
+        "among them and the estimate is one GPU's",
+    )
+    add(
+        "--strategy",
+        choices=("ddp", "fsdp"),
+        default="ddp",
+        help="with --gpus > 1: ddp keeps a replica on each GPU, fsdp shards parameters, "
+        "gradients and AdamW state (default: ddp)",
     )
     add(
         "--device",

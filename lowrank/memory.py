@@ -76,7 +76,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 
-from lowrank._validate import FLOAT_DTYPES, METHODS, check_choice, check_int
+from lowrank._validate import FLOAT_DTYPES, METHODS, check_bool, check_choice, check_int
 from lowrank.accounting import (
     DTYPE_BITS,
     MemoryBreakdown,
@@ -96,11 +96,21 @@ from lowrank.shapes import (
     method_default_targets,
     read_config,
 )
+from lowrank.sharding import STRATEGIES, per_gpu_parts, sharded_weight_parts
 
 __all__ = ["MemoryEstimate", "estimate_memory", "largest_batch_size", "parse_gpu_memory"]
 
 CUDA_CONTEXT_BYTES = 500_000_000  # what `fits` keeps aside for the CUDA context
 GPU_SIZES_GIB = (8, 12, 16, 24, 48, 80)  # the cards __str__ tries, smallest first
+SHARING = {
+    "ddp": "a whole replica on each GPU; only the trainable gradients are all-reduced",
+    "fsdp": "parameters, frozen or not, their gradients and AdamW state sharded",
+}
+QLORA_SHARDING = {
+    "ddp": "",
+    "fsdp": "; the 4-bit codes too (stored as a parameter: set_quant_storage), their "
+    "constants (buffers) replicated",
+}
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,11 @@ class MemoryEstimate:
             by kind, the working memory of the backward pass and of the optimizer step, the
             attention kernel.
         other_total: `total` with gradient checkpointing the other way round.
+        dora: whether the adapters are DoRA's (a trained magnitude per output feature).
+        gpus: GPUs sharing the step; every byte here is one GPU's.
+        strategy: "ddp" or "fsdp" with several GPUs, "" with one.
+        parallel_parts: what the strategy adds on each GPU (`lowrank.sharding.per_gpu_parts`):
+            DDP's gradient buckets, FSDP's gathered root and blocks.
 
     Examples:
         >>> from lowrank.accounting import format_bytes
@@ -160,6 +175,10 @@ class MemoryEstimate:
     weight_parts: dict[str, int] = field(default_factory=dict)
     per_batch: Activations = field(default_factory=Activations)
     other_total: int = 0
+    dora: bool = False
+    gpus: int = 1
+    strategy: str = ""
+    parallel_parts: dict[str, int] = field(default_factory=dict)
 
     @property
     def weights(self) -> int:
@@ -193,7 +212,8 @@ class MemoryEstimate:
         late = self.gradients + max(
             self.per_batch.step_working, self.per_batch.working_with_gradients
         )
-        return self.weights + self.adapters + self.optimizer_states + max(early, late)
+        always = self.weights + self.adapters + self.optimizer_states
+        return always + sum(self.parallel_parts.values()) + max(early, late)
 
     def fits(self, gpu_bytes: float) -> bool:
         """Whether the estimate fits in `gpu_bytes` (e.g. 24 * 2**30 for a "24 GB" card),
@@ -203,15 +223,23 @@ class MemoryEstimate:
     def __str__(self) -> str:
         checkpointing = ", gradient checkpointing" if self.gradient_checkpointing else ""
         weights = {"qlora": "NF4 linears + " + self.dtype}.get(self.method, self.dtype)
+        where = self.device if self.gpus == 1 else f"{self.gpus} x {self.device}"
         lines = [
             f"{self.model}: {self.method}, weights {weights}, batch {self.batch_size} x "
-            f"{self.seq_len} tokens{checkpointing}, on {self.device}"
+            f"{self.seq_len} tokens{checkpointing}, on {where}"
         ]
+        if self.gpus > 1:
+            each = self.batch_size // self.gpus
+            each = f"{each} sequence{'s' if each > 1 else ''} each"
+            sharing = SHARING[self.strategy]
+            sharing += QLORA_SHARDING[self.strategy] if self.method == "qlora" else ""
+            lines += _wrapped(f"per GPU ({self.strategy.upper()}, {each}): {sharing}")
         if self.method != "full":
             default = f" ({self.method}'s default: " if self.default_targets else ""
             if default:
                 default += "every linear layer)" if self.method == "qlora" else "query, value)"
-            lines += _wrapped(f"adapters: r={self.r} on {','.join(self.targets)}{default}")
+            kind = "DoRA " if self.dora else ""
+            lines += _wrapped(f"adapters: {kind}r={self.r} on {','.join(self.targets)}{default}")
         lines += [
             f"attention: {ATTENTION_KERNELS[self.per_batch.kernel]}",
             f"trainable parameters {self.trainable_params:,} of {self.total_params:,} "
@@ -223,6 +251,7 @@ class MemoryEstimate:
         rows += [("activations", self.activations, self.per_batch.saved)]
         rows += [("backward working", self.working, {})]
         rows += [("optimizer step", self.per_batch.step_working, {})]
+        rows += [(part, n, {}) for part, n in self.parallel_parts.items()]
         for name, n_bytes, parts in rows:
             lines.append(f"  {name:<22} {format_bytes(n_bytes):>20}")
             if len(parts) > 1:
@@ -268,6 +297,9 @@ def estimate_memory(
     double_quant: bool = True,
     lm_head: bool | None = None,
     device: str = "cuda",
+    dora: bool = False,
+    gpus: int = 1,
+    strategy: str = "ddp",
 ) -> MemoryEstimate:
     """Estimate the peak memory of one training step; see the module doc for each part.
 
@@ -280,6 +312,12 @@ def estimate_memory(
     dtype: storage of the weights that are not 4-bit, and of the activations.
     lm_head: count logits over the vocabulary (default: True for decoders, False for encoders).
     device: "cuda" or "cpu": the attention kernel and the optimizer's loop differ.
+    dora: DoRA adapters (Liu et al. 2024, arXiv:2402.09353): a trained magnitude per output
+        feature, and two fp32 tensors of each adapted layer's output width saved per token.
+    gpus: GPUs sharing the step; `batch_size` is the whole step's, split evenly among them,
+        and the estimate is what one GPU holds (`lowrank.sharding`).
+    strategy: with several GPUs, "ddp" (a replica on each) or "fsdp" (parameters, gradients
+        and AdamW state sharded N ways, FSDP2's `fully_shard` per block).
 
     Full fine-tuning pays gradients and AdamW states for every weight; LoRA (Hu et al. 2021,
     arXiv:2106.09685) only for the adapters; QLoRA (Dettmers et al. 2023, arXiv:2305.14314)
@@ -306,6 +344,18 @@ def estimate_memory(
         check_int(name, value)
     check_choice("dtype", dtype, FLOAT_DTYPES)
     check_choice("device", device, ("cuda", "cpu"))
+    check_bool("dora", dora)
+    check_int("gpus", gpus)
+    check_choice("strategy", strategy, STRATEGIES)
+    if batch_size % gpus:
+        raise ValueError(
+            f"batch_size {batch_size} does not split evenly over {gpus} GPUs: each GPU runs "
+            "batch_size / gpus sequences"
+        )
+    if dora and method == "full":
+        raise ValueError(
+            "dora=True needs method 'lora' or 'qlora': full fine-tuning has no adapter"
+        )
     config = read_config(config)
     shape = config_to_shape(config)
     family = MODEL_FAMILIES[config["model_type"]]
@@ -334,16 +384,18 @@ def estimate_memory(
         adapter_dtype="fp32",
         optimizer="adamw",
         double_quant=double_quant,
+        dora=dora,
     )
-    counts = param_counts(shape, method=method, r=r, targets=shape_keys or ("q",))
+    counts = param_counts(shape, method=method, r=r, targets=shape_keys or ("q",), dora=dora)
     weight_parts = _weight_parts(
         shape, quantized=shape_keys if method == "qlora" else (), dtype=dtype,
         double_quant=double_quant,
     )  # fmt: skip
     options = dict(
-        method=method, adapted=tuple(shape_keys), tokens=batch_size * seq_len, seq_len=seq_len,
+        method=method, adapted=tuple(shape_keys), tokens=batch_size // gpus * seq_len,
+        seq_len=seq_len,
         r=r, dtype=dtype, device=device,
-        lm_head=lm_head if lm_head is not None else family != "bert",
+        lm_head=lm_head if lm_head is not None else family != "bert", dora=dora,
     )  # fmt: skip
     saved = saved_activations(
         config, shape, family, gradient_checkpointing=gradient_checkpointing, **options
@@ -351,6 +403,20 @@ def estimate_memory(
     other = saved_activations(
         config, shape, family, gradient_checkpointing=not gradient_checkpointing, **options
     )
+    parallel: dict[str, int] = {}
+    if gpus > 1:
+        parallel = per_gpu_parts(
+            gpus=gpus, strategy=strategy, weight_parts=weight_parts, adapters=fixed.adapters,
+            gradients=fixed.gradients, n_layers=shape.n_layers, full=method == "full",
+        )  # fmt: skip
+        shares = 1 if strategy == "ddp" else gpus
+        weight_parts = sharded_weight_parts(weight_parts, gpus, strategy)
+        fixed = replace(
+            fixed, adapters=-(-fixed.adapters // shares), gradients=-(-fixed.gradients // shares),
+            optimizer_states=-(-fixed.optimizer_states // shares),
+        )  # fmt: skip
+        saved = replace(saved, step_working=-(-saved.step_working // shares))
+        other = replace(other, step_working=-(-other.step_working // shares))
     estimate = MemoryEstimate(
         model=shape.name,
         method=method,
@@ -367,6 +433,10 @@ def estimate_memory(
         breakdown=replace(fixed, weights=sum(weight_parts.values()), activations=saved.total),
         weight_parts={kind: n for kind, n in weight_parts.items() if n},
         per_batch=saved,
+        dora=dora,
+        gpus=gpus,
+        strategy=strategy if gpus > 1 else "",
+        parallel_parts=parallel,
     )
     flipped = replace(
         estimate, per_batch=other, breakdown=replace(estimate.breakdown, activations=other.total)
@@ -401,7 +471,8 @@ def _weight_parts(
 
 def largest_batch_size(gpu_bytes: float, config: dict | str | os.PathLike, **options) -> int:
     """The most sequences per step whose estimate `fits(gpu_bytes)` (0: not even one); the
-    other keyword arguments are `estimate_memory`'s (batch_size aside).
+    other keyword arguments are `estimate_memory`'s (batch_size aside). With `gpus=N` the
+    answer is the whole step's, a multiple of N: each GPU of that size runs 1/N of it.
 
     Examples:
         >>> from lowrank.memory import largest_batch_size
@@ -411,18 +482,20 @@ def largest_batch_size(gpu_bytes: float, config: dict | str | os.PathLike, **opt
         45
     """
 
-    def fits(batch_size: int) -> bool:
-        return estimate_memory(config, batch_size=batch_size, **options).fits(gpu_bytes)
+    gpus = options.get("gpus", 1)
+
+    def fits(per_gpu: int) -> bool:  # sequences on each GPU
+        return estimate_memory(config, batch_size=per_gpu * gpus, **options).fits(gpu_bytes)
 
     low, high = 0, 1  # fits(low) (0 trivially), and `high` is the first size known not to fit
     while fits(high):
         low, high = high, 2 * high
         if high > 2**24:
-            return low
+            return low * gpus
     while high - low > 1:  # the estimate grows with the batch: bisect
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
-    return low
+    return low * gpus
 
 
 def parse_gpu_memory(text: str) -> int:

@@ -191,8 +191,11 @@ def main(args: argparse.Namespace) -> int:
     config = read_config(args.config)
     options = dict(
         method=args.method, seq_len=args.seq_len, r=args.r, targets=args.targets,
-        dtype=args.dtype, device=args.device,
+        dtype=args.dtype, device=args.device, dora=args.dora, gpus=args.gpus,
+        strategy=args.strategy,
     )  # fmt: skip
+    if args.measure and args.gpus > 1:
+        raise ValueError("--measure runs one process on one device; leave out --gpus")
     if args.measure and args.device == "cuda":
         import torch  # only --measure needs torch
 
@@ -208,13 +211,15 @@ def main(args: argparse.Namespace) -> int:
         fits = [largest_batch_size(args.gpu, config, gradient_checkpointing=checkpointing,
                                    **options) for checkpointing in (False, True)]  # fmt: skip
         gib = f"{args.gpu / 2**30:g}"
+        where = f"a {gib} GB GPU" if args.gpus == 1 else f"{args.gpus} GPUs of {gib} GB"
         print(
-            f"on a {gib} GB GPU ({gib} GiB): at most {fits[0]} sequences of {args.seq_len} "
+            f"on {where} ({gib} GiB): at most {fits[0]} sequences of {args.seq_len} "
             f"tokens per step, {fits[1]} with gradient checkpointing"
         )
     if args.measure:
         from lowrank.torch.measure import measure_receipt
 
+        options = {k: v for k, v in options.items() if k not in ("gpus", "strategy")}
         counted = measure_receipt(
             config, batch_size=args.batch_size,
             gradient_checkpointing=args.gradient_checkpointing, **options,

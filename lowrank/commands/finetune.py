@@ -17,6 +17,11 @@ fine-tuning the model and its tokenizer as `save_pretrained` writes them
 (`AutoModel*.from_pretrained(out)` loads it). `--seed` seeds the head's and the adapters'
 initialisation too, so two runs on the CPU write the same bytes.
 
+Under `torchrun --nproc_per_node N -m lowrank finetune ...` every process runs the job and
+`lowrank.torch.train` splits each batch across them (DDP, or FSDP with `--strategy fsdp`;
+QLoRA's 4-bit codes are then stored as parameters so that FSDP shards them); rank 0 alone
+writes the output folder and prints.
+
 (About 430 lines, a quarter of them the docstring of `finetune`'s two dozen options: the job,
 what it saves and the line that says so; the data side is `finetune_data.py`.)
 """
@@ -61,6 +66,7 @@ from lowrank.torch import (
     train,
 )
 from lowrank.torch.checkpoint import TRAINABLE_NAME, TRAINER_STATE_NAME, save_trainable
+from lowrank.torch.distributed import PARALLEL_MODES, is_main_process, set_quant_storage
 from lowrank.torch.hf import HEAD_NAMES
 from lowrank.torch.peft_format import ADAPTER_FILES
 from lowrank.torch.train import SCHEDULES
@@ -128,11 +134,18 @@ def _load(name_or_path: str | os.PathLike, what: str, loader, **options):
 def _check_options(
     *, method, r, alpha, dropout, epochs, batch_size, grad_accum_steps, lr, schedule,
     warmup_ratio, warmup_steps, max_length, eval_split, eval_file, seed, bf16, save_steps,
-    resume, loraplus_ratio, **_,
+    resume, loraplus_ratio, parallel, **_,
 ) -> None:  # fmt: skip
     """`finetune`'s arguments, before any file is read: ValueError naming the first bad one."""
     check_choice("method", method, METHODS)
     check_choice("schedule", schedule, SCHEDULES)
+    if parallel is not None:
+        check_choice("parallel", parallel, PARALLEL_MODES)
+        if parallel == "fsdp" and (save_steps is not None or resume is not None):
+            raise ValueError(
+                "save_steps and resume need the ddp strategy: FSDP shards AdamW's moments, "
+                "and a checkpoint holds whole tensors"
+            )
     for name, value in (("r", r), ("epochs", epochs), ("batch_size", batch_size)):
         check_int(name, value)
     check_int("grad_accum_steps", grad_accum_steps)
@@ -216,6 +229,7 @@ def finetune(
     resume: str | os.PathLike | None = None,
     out_dir: str | os.PathLike = "runs/finetune",
     progress: bool = True,
+    parallel: str | None = None,
 ) -> FinetuneResult:
     """Fine-tune a Hugging Face model on a JSONL file (see `lowrank.data.read_jsonl`).
 
@@ -258,6 +272,7 @@ def finetune(
         resume: a checkpoint folder of an earlier run with the same settings to continue.
         out_dir: where log.jsonl, checkpoints and the trained weights go.
         progress: show a progress bar.
+        parallel: under torchrun, "ddp" or "fsdp" (`TrainConfig.parallel`); None: DDP there.
 
     Returns:
         A `FinetuneResult`: the run, the trained model, and what was saved.
@@ -332,6 +347,8 @@ def finetune(
             quant_type="nf4" if method == "qlora" else None,
             modules_to_save=heads or None,
         )
+        if method == "qlora" and parallel == "fsdp":
+            set_quant_storage(model, torch.uint8)  # codes as parameters: FSDP shards them
     vocabulary = model.get_input_embeddings().num_embeddings
     examples = tokenize_rows(dataset, tokenizer, max_length)
     check_examples(examples, dataset, vocabulary, max_length)
@@ -358,6 +375,7 @@ def finetune(
         save_steps=save_steps,
         resume_from=str(resume) if resume is not None else None,
         progress=progress,
+        parallel=parallel,
     )
     written: list[str] = []
     if method == "full":
@@ -425,6 +443,7 @@ def main(args: argparse.Namespace) -> int:
         save_steps=args.save_steps,
         resume=args.resume,
         out_dir=args.out,
+        parallel=args.parallel,
     )
     losses = result.run.losses
     bad = next((step for step, loss in enumerate(losses, 1) if not math.isfinite(loss)), 0)
@@ -433,6 +452,8 @@ def main(args: argparse.Namespace) -> int:
             f"training diverged: the loss was {losses[bad - 1]} at step {bad} "
             f"(try a lower --lr); the run's files are in {args.out}"
         )
+    if not is_main_process():  # under torchrun, rank 0 speaks for the run
+        return 0
     for epoch, metrics in enumerate(result.run.evals, 1):
         shown = ", ".join(f"{key} {value:.4f}" for key, value in metrics.items())
         print(f"epoch {epoch}/{len(result.run.evals)}: eval {shown}")

@@ -25,6 +25,7 @@ from .checkpoint import load_trainable, save_trainable
 from .codebooks import dynamic_map, fp4_code, int4_code, nf4_code
 from .conv import LoRAConv
 from .convert import convert_adapter
+from .distributed import is_main_process, set_quant_storage, trainable_state
 from .dora import DoRALinear
 from .extract import extract_adapter
 from .factored import factored_best_rank_r, factored_core, factored_svd

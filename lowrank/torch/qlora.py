@@ -13,6 +13,18 @@ saved either.
 wrapper; on its own it is a frozen `nn.Linear` that costs ~4.13 bits per weight.
 
     layer = Linear4bit.from_linear(linear)  # y = layer(x): (..., in) -> (..., out)
+
+Sharding the 4-bit base (FSDP-QLoRA, Answer.AI 2024; bitsandbytes' `quant_storage`): FSDP
+shards parameters, never buffers, so by default (`quant_storage=None`, the codes in a uint8
+buffer) every rank holds the whole 4-bit base. With `quant_storage` set to a dtype, the same
+bytes are kept as a frozen `nn.Parameter` of that dtype (uint8, or a float16/bfloat16/float32
+view of the bytes, as bitsandbytes does), which `fully_shard` splits across ranks and gathers
+before each forward; decoding views the bytes as uint8 again, so the weight is bit-identical.
+The block scales (`weight_absmax`, `weight_offset`, `weight_absmax2`) stay buffers and are
+replicated: 1/32 of the codes' bytes with double quantization. uint8 is the safe choice for
+FSDP2 (its mixed precision casts only floating parameters); a float storage is what FSDP1's
+flat parameters need (one dtype per group), and under a `MixedPrecisionPolicy` its
+`param_dtype` must equal the storage dtype, or the bytes would be cast as numbers.
 """
 
 import torch
@@ -23,7 +35,10 @@ from lowrank._validate import check_blocksize, check_bool, check_int, check_quan
 from lowrank.torch.quant import dequantize_4bit, quantize_4bit
 from lowrank.torch.quantized import DOUBLE_QUANT_BLOCKSIZE, Quantized4bit
 
-__all__ = ["Linear4bit"]
+__all__ = ["QUANT_STORAGE_DTYPES", "Linear4bit"]
+
+# the dtypes the packed codes may be stored in as a parameter (`Linear4bit.quant_storage`)
+QUANT_STORAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
 
 
 class _Linear4bitFunction(torch.autograd.Function):
@@ -31,7 +46,8 @@ class _Linear4bitFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, packed, absmax, offset, absmax2, layout):
-        # layout: (shape, dtype, blocksize, quant_type, double_quant) of the quantized weight
+        # layout: (shape, dtype, blocksize, quant_type, double_quant) of the quantized weight,
+        # and whether the codes are a parameter's (quant_storage), which FSDP frees and refills
         ctx.layout = layout
         ctx.has_bias = bias is not None
         ctx.save_for_backward(packed, absmax, offset, absmax2)  # a few bytes per weight
@@ -50,8 +66,17 @@ class _Linear4bitFunction(torch.autograd.Function):
         return grad_x, grad_bias, None, None, None, None, None
 
 
+def _check_quant_storage(quant_storage) -> torch.dtype | None:
+    if quant_storage is not None and quant_storage not in QUANT_STORAGE_DTYPES:
+        names = ["None"] + [str(dtype) for dtype in QUANT_STORAGE_DTYPES]
+        raise ValueError(f"quant_storage must be one of {names}, got {quant_storage!r}")
+    return quant_storage
+
+
 def _decode(layout, packed, absmax, offset, absmax2) -> torch.Tensor:
-    shape, dtype, blocksize, quant_type, double_quant = layout
+    shape, dtype, blocksize, quant_type, double_quant, in_parameter = layout
+    if in_parameter:  # the CPU kernels read codes through .numpy(), which would make the
+        packed = packed.clone()  # storage FSDP frees after forward non-resizable: decode a copy
     q = Quantized4bit(
         packed, absmax, offset, absmax2, shape, dtype, blocksize, quant_type, double_quant
     )
@@ -69,13 +94,20 @@ class Linear4bit(nn.Module):
     The output has the input's dtype. `.to(dtype)` / `.half()` leave the quantization state as
     it is (it only follows the device), so the decoded weight never changes.
 
+    With `quant_storage` (a dtype of `QUANT_STORAGE_DTYPES`) the packed codes are a frozen
+    `nn.Parameter` of that dtype instead of a buffer, so that FSDP can shard them (see the
+    module doc); `packed_codes()` is always the uint8 view. Under `fully_shard` the codes are
+    whole only inside forward and backward: read `quantized()` after `unshard()`.
+
     Attributes:
-        weight_packed: uint8 [ceil(out * in / 2)], two codes per byte.
+        weight_packed: uint8 [ceil(out * in / 2)], two codes per byte; with `quant_storage`, a
+            frozen parameter of that dtype holding the same bytes (zero-padded to whole elements).
         weight_absmax: float32 [n_blocks], or uint8 codes with double quantization.
         weight_offset: float32 [] (double quantization) or None.
         weight_absmax2: float32 [ceil(n_blocks / 256)] (double quantization) or None.
         bias: the frozen bias [out], or None.
         weight_dtype: the dtype the weight had, which `dequantize_weight` returns.
+        quant_storage: None (codes in a uint8 buffer) or the dtype of the codes' parameter.
 
     Examples:
         >>> torch.manual_seed(0)
@@ -105,8 +137,12 @@ class Linear4bit(nn.Module):
         double_quant: bool = True,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        quant_storage: torch.dtype | None = None,
     ) -> None:
         """An all-zero 4-bit layer of the given size (use `from_linear` to quantize a layer).
+
+        `quant_storage`: None keeps the codes in a uint8 buffer; a dtype of
+        `QUANT_STORAGE_DTYPES` keeps them in a frozen parameter of that dtype (for FSDP).
 
         Examples:
             >>> layer = Linear4bit(8, 4)
@@ -114,6 +150,8 @@ class Linear4bit(nn.Module):
             (torch.Size([16]), torch.uint8)
             >>> float(layer.dequantize_weight().abs().max())
             0.0
+            >>> Linear4bit(8, 4, quant_storage=torch.bfloat16).weight_packed.shape  # 16 bytes
+            torch.Size([8])
         """
         super().__init__()
         self.in_features = check_int("in_features", in_features)
@@ -121,13 +159,14 @@ class Linear4bit(nn.Module):
         self.quant_type = check_quant_type(quant_type)
         self.blocksize = check_blocksize(blocksize)
         self.double_quant = check_bool("double_quant", double_quant)
+        self.quant_storage = _check_quant_storage(quant_storage)
         self.weight_dtype = dtype  # the dtype the weight had, what dequantize_weight returns
         n = in_features * out_features
         n_blocks = -(-n // blocksize)
         absmax_dtype = torch.uint8 if double_quant else torch.float32
         packed = torch.zeros((n + 1) // 2, dtype=torch.uint8, device=device)
         absmax = torch.zeros(n_blocks, dtype=absmax_dtype, device=device)
-        self.register_buffer("weight_packed", packed)
+        self._store_codes(packed)
         self.register_buffer("weight_absmax", absmax)
         if double_quant:
             n_blocks2 = -(-n_blocks // DOUBLE_QUANT_BLOCKSIZE)
@@ -150,9 +189,11 @@ class Linear4bit(nn.Module):
         quant_type: str = "nf4",
         blocksize: int = 64,
         double_quant: bool = True,
+        quant_storage: torch.dtype | None = None,
     ) -> "Linear4bit":
         """Quantize `linear`'s weight (its bias is copied, frozen). On the `meta` device only the
         buffers' sizes are made, so parameter and byte counts can be planned without memory.
+        `quant_storage`: where the codes live, as in `Linear4bit` (None: a uint8 buffer).
 
         Examples:
             >>> layer = Linear4bit.from_linear(nn.Linear(4096, 4096, device="meta"))
@@ -171,6 +212,7 @@ class Linear4bit(nn.Module):
             double_quant=double_quant,
             dtype=weight.dtype,
             device=weight.device,
+            quant_storage=quant_storage,
         )
         if weight.is_meta:
             return layer
@@ -189,7 +231,7 @@ class Linear4bit(nn.Module):
             ((4, 8), 'nf4', torch.Size([1]))
         """
         return Quantized4bit(
-            packed=self.weight_packed,
+            packed=self.packed_codes(),
             absmax=self.weight_absmax,
             offset=self.weight_offset,
             absmax2=self.weight_absmax2,
@@ -199,6 +241,58 @@ class Linear4bit(nn.Module):
             quant_type=self.quant_type,
             double_quant=self.double_quant,
         )
+
+    def packed_codes(self) -> torch.Tensor:
+        """The packed 4-bit codes as uint8 [ceil(out * in / 2)], whatever `quant_storage` is:
+        a view of the stored bytes (no copy), two codes per byte.
+
+        Examples:
+            >>> layer = Linear4bit(3, 3, quant_storage=torch.float32)  # 5 bytes in 2 floats
+            >>> layer.weight_packed.shape, layer.packed_codes().shape, layer.packed_codes().dtype
+            (torch.Size([2]), torch.Size([5]), torch.uint8)
+        """
+        if self.quant_storage is None:
+            return self.weight_packed
+        n_bytes = (self.in_features * self.out_features + 1) // 2
+        return self.weight_packed.detach().view(torch.uint8)[:n_bytes]
+
+    @torch.no_grad()
+    def set_quant_storage(self, quant_storage: torch.dtype | None) -> None:
+        """Keep the packed codes in a uint8 buffer (None) or a frozen parameter of
+        `quant_storage` (for FSDP); the bytes, and so the decoded weight, do not change.
+
+        Examples:
+            >>> layer = Linear4bit.from_linear(nn.Linear(8, 4))
+            >>> before = layer.dequantize_weight()
+            >>> layer.set_quant_storage(torch.bfloat16)
+            >>> type(layer.weight_packed).__name__, layer.weight_packed.dtype
+            ('Parameter', torch.bfloat16)
+            >>> torch.equal(layer.dequantize_weight(), before)
+            True
+            >>> layer.set_quant_storage(torch.int8)
+            Traceback (most recent call last):
+            ...
+            ValueError: quant_storage must be one of ['None', 'torch.uint8', ...], got torch.int8
+        """
+        quant_storage = _check_quant_storage(quant_storage)
+        codes = self.packed_codes().clone()
+        self.quant_storage = quant_storage
+        self._store_codes(codes)
+
+    def _store_codes(self, codes: torch.Tensor) -> None:
+        # codes: uint8 [n_bytes] -> a buffer, or a frozen parameter of quant_storage whose
+        # bytes are the codes followed by zeros up to a whole number of elements
+        self._buffers.pop("weight_packed", None)
+        self._parameters.pop("weight_packed", None)
+        if self.quant_storage is None:
+            self.register_buffer("weight_packed", codes)
+            return
+        width = torch.empty((), dtype=self.quant_storage).element_size()
+        padded = torch.zeros(-(-codes.numel() // width) * width, dtype=torch.uint8)
+        padded = padded.to(codes.device)
+        padded[: codes.numel()] = codes
+        stored = padded.view(self.quant_storage)  # the same bytes, read as quant_storage
+        self.weight_packed = nn.Parameter(stored, requires_grad=False)
 
     def dequantize_weight(self) -> torch.Tensor:
         """W [out, in] decoded from 4 bits, in the dtype the quantized weight had.
@@ -245,7 +339,7 @@ class Linear4bit(nn.Module):
             quant_type=self.quant_type,
             double_quant=self.double_quant,
         )
-        self.weight_packed = q.packed
+        self._store_codes(q.packed)
         self.weight_absmax = q.absmax
         self.weight_offset = q.offset
         self.weight_absmax2 = q.absmax2
@@ -276,11 +370,12 @@ class Linear4bit(nn.Module):
             self.blocksize,
             self.quant_type,
             self.double_quant,
+            self.quant_storage is not None,
         )
         return _Linear4bitFunction.apply(
             x,
             self.bias,
-            self.weight_packed,
+            self.packed_codes(),
             self.weight_absmax,
             self.weight_offset,
             self.weight_absmax2,
@@ -288,26 +383,36 @@ class Linear4bit(nn.Module):
         )
 
     def _apply(self, fn, recurse=True):
-        # nn.Module.to(dtype) / .half() would pass the float32 scales through `fn` and cast
-        # them; the quantization state only follows the device (`fn` applied to an empty
-        # float32 tensor tells where to).
+        # nn.Module.to(dtype) / .half() would pass the float32 scales (and codes stored as
+        # floats) through `fn` and cast them; the quantization state only follows the device
+        # (`fn` applied to an empty float32 tensor tells where to).
         names = ("weight_packed", "weight_absmax", "weight_offset", "weight_absmax2")
-        state = {name: self._buffers.pop(name) for name in names}
+        state = {name: self._buffers.pop(name) for name in names if name in self._buffers}
+        stored = self._parameters.pop("weight_packed", None)  # with quant_storage
         try:
             super()._apply(fn, recurse)
         finally:
-            device = fn(torch.empty(0, device=state["weight_packed"].device)).device
+            packed = state.get("weight_packed", stored)
+            device = fn(torch.empty(0, device=packed.device)).device
             for name, tensor in state.items():
-                if tensor is not None and tensor.is_meta and device.type != "meta":
-                    tensor = torch.empty_like(tensor, device=device)  # to_empty()
-                elif tensor is not None:
-                    tensor = tensor.to(device)
-                self._buffers[name] = tensor
+                self._buffers[name] = _to_device(tensor, device)
+            if stored is not None:
+                moved = _to_device(stored.detach(), device)
+                self._parameters["weight_packed"] = nn.Parameter(moved, requires_grad=False)
         return self
 
     def extra_repr(self) -> str:
+        storage = "" if self.quant_storage is None else f", quant_storage={self.quant_storage}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, quant_type={self.quant_type}, "
-            f"blocksize={self.blocksize}, double_quant={self.double_quant}"
+            f"blocksize={self.blocksize}, double_quant={self.double_quant}{storage}"
         )
+
+
+def _to_device(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """`tensor` on `device`; a meta tensor going to a real device becomes uninitialised
+    memory of its size (what `to_empty()` asks for)."""
+    if tensor is not None and tensor.is_meta and device.type != "meta":
+        return torch.empty_like(tensor, device=device)
+    return None if tensor is None else tensor.to(device)

@@ -39,6 +39,12 @@ What happens, step by step:
   schedule's position, the random generators' states and the position in the data are
   written (`checkpoint.save_checkpoint`); `resume_from` one of them continues the run from
   that step as if it had never stopped: on the CPU, the same final weights bit for bit.
+- several processes (`torchrun --nproc_per_node N`, `distributed.py`): DDP by default, or
+  FSDP2 with `parallel="fsdp"`. `batch_size` stays the size of the whole micro-batch: each rank
+  takes its share of it, the gradients and the logged loss are averaged over ranks, so the
+  run is the one a single process would make with the same settings (up to the order of
+  float additions). Rank 0 alone logs, shows progress and writes files; `evaluate` runs on
+  every rank (FSDP needs every rank in each forward).
 
 (About 600 lines, a third of them docstrings: the loop, its checkpoints and their resumption
 read together; the file format of a checkpoint is `checkpoint.py`.)
@@ -68,6 +74,7 @@ from lowrank.torch.checkpoint import (
     save_trainable,
     trainable_parameters,
 )
+from lowrank.torch.distributed import PARALLEL_MODES, Parallel, full_trainable
 from lowrank.torch.model import lora_layers
 
 __all__ = [
@@ -93,7 +100,8 @@ class TrainConfig:
 
     Checked when made: counts must be positive ints, lr and max_grad_norm positive,
     warmup_ratio in [0, 1), warmup_steps a non-negative int, schedule one of `SCHEDULES`,
-    loraplus_lr_ratio None or a positive number; ValueError otherwise.
+    loraplus_lr_ratio None or a positive number, parallel None, "ddp" or "fsdp" (and "fsdp"
+    without checkpoints); ValueError otherwise. `parallel` matters only under torchrun.
 
     Examples:
         >>> from lowrank.torch.train import TrainConfig
@@ -128,6 +136,7 @@ class TrainConfig:
     resume_from: str | None = None  # a checkpoint folder to continue from (the same setup)
     log_every: int = 1  # optimizer steps between log lines
     progress: bool = True  # tqdm progress bar
+    parallel: str | None = None  # under torchrun: "ddp" (None means it) or "fsdp"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum_steps", "log_every"):
@@ -156,6 +165,17 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm}")
         if self.loraplus_lr_ratio is not None:
             check_positive_number("loraplus_lr_ratio", self.loraplus_lr_ratio)
+        if self.parallel is not None and self.parallel not in PARALLEL_MODES:
+            raise ValueError(
+                f"parallel must be one of {list(PARALLEL_MODES)} or None, got {self.parallel!r}"
+            )
+        checkpoints = self.save_steps or self.save_every_epoch or self.resume_from
+        if self.parallel == "fsdp" and checkpoints:
+            raise ValueError(
+                "checkpoints (save_steps, save_every_epoch, resume_from) need parallel='ddp': "
+                "under FSDP AdamW's moments are sharded across ranks, and checkpoint.py writes "
+                "and reads whole tensors"
+            )
 
 
 @dataclass
@@ -378,7 +398,8 @@ def train(
         model: the model; moved to the device, left in eval mode at the end.
         examples: anything indexable with a length (a list of dicts, a Dataset).
         config: epochs, batch size, learning rate and the rest (`TrainConfig`).
-        loss_fn: `loss_fn(model, batch)` is the mean loss of the batch, a scalar tensor.
+        loss_fn: `loss_fn(model, batch)` is the mean loss of the batch, a scalar tensor
+            (under DDP `model` is the DDP wrapper: call it, do not read its attributes).
         collate: turns a list of examples into a batch (tensors, or dicts/tuples of tensors);
             the batch is moved to the device for you.
         evaluate: `evaluate(model)` gives metrics after each epoch, called under no_grad in
@@ -417,12 +438,15 @@ def train(
         raise ValueError("no training examples")
     seed_everything(config.seed)
     device = torch.device(config.device) if config.device else default_device()
+    parallel = Parallel.start(config.parallel, device)  # one process: does nothing
+    device = parallel.device  # under torchrun on CUDA: cuda:LOCAL_RANK
     model.to(device)
-    parameters = trainable_parameters(model)
-    if not parameters:
+    if not trainable_parameters(model):
         raise ValueError("the model has no parameters that require grad: nothing to train")
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    runner = parallel.wrap(model)  # what the loss calls: DDP, FSDP (in place) or model
+    parameters = trainable_parameters(model)  # under FSDP: the shards
     groups = list(parameters.values())  # one group at lr; LoRA+: B at lr * ratio
     if config.loraplus_lr_ratio is not None:
         groups = parameter_groups(model, parameters, config.lr, config.loraplus_lr_ratio)
@@ -462,7 +486,7 @@ def train(
         version, internal, gauss = state["python_random"]
         random.setstate((version, tuple(internal), gauss))
     log = None
-    if out_dir is not None:
+    if out_dir is not None and parallel.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         log = open(out_dir / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed below)
         _write_line(log, {"event": "config", **asdict(config), "trainable": list(parameters)})
@@ -483,14 +507,16 @@ def train(
             "config": json.loads(json.dumps(asdict(config), default=str)),
             "python_random": random.getstate(),
         }
-        save_checkpoint(model, out_dir / name, optimizer, scheduler, state, generators)
+        if parallel.is_main:  # DDP: weights and moments are the same on every rank
+            save_checkpoint(model, out_dir / name, optimizer, scheduler, state, generators)
+        parallel.barrier()
 
     start = time.perf_counter()
     bar = tqdm(
         total=total_steps,
         initial=result.steps,
         desc="train",
-        disable=not config.progress,
+        disable=not (config.progress and parallel.is_main),
         leave=False,
     )
     try:
@@ -509,17 +535,19 @@ def train(
             for index in range(first, len(groups)):
                 group = groups[index]
                 step_loss = 0.0
-                for indices in group:
-                    batch = move_to(collate([examples[i] for i in indices]), device)
-                    with autocast:
-                        loss = loss_fn(model, batch) / len(group)  # mean over the group
-                    loss.backward()
+                for position, indices in enumerate(group):
+                    mine, weight = parallel.share(indices)  # one process: all, weight 1
+                    batch = move_to(collate([examples[i] for i in mine]), device)
+                    with parallel.sync(runner, last=position == len(group) - 1):
+                        with autocast:
+                            loss = loss_fn(runner, batch) * weight / len(group)  # group mean
+                        loss.backward()
                     step_loss += loss.item()
+                step_loss = parallel.mean(step_loss)  # the whole micro-batches' mean
                 grad_norm = None
                 if config.max_grad_norm is not None:
-                    grad_norm = nn.utils.clip_grad_norm_(
-                        parameters.values(), config.max_grad_norm
-                    ).item()
+                    norm = nn.utils.clip_grad_norm_(parameters.values(), config.max_grad_norm)
+                    grad_norm = parallel.scalar(norm)
                 lr = scheduler.get_last_lr()[0]
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -564,7 +592,11 @@ def train(
     model.eval()
     result.wall_time_s = time.perf_counter() - start
     if out_dir is not None:
-        save(model, out_dir)
+        with full_trainable(model):  # FSDP: the adapters gathered (on every rank)
+            if parallel.is_main:
+                save(model, out_dir)
+        parallel.barrier()
+    parallel.close()
     return result
 
 

@@ -62,6 +62,23 @@ def test_both_checkpointing_totals_and_the_largest_batch_on_a_24_gb_gpu(tmp_path
     assert f"with gradient checkpointing: {format_bytes(checkpointed.total)}" in done.stdout
 
 
+def test_dora_and_several_gpus_reach_the_estimate(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    argv = ["--dora", "--batch-size", "8", "--gpus", "4", "--strategy", "fsdp", "--gpu", "24GB"]
+    done = _lowrank("estimate", str(tmp_path), *argv)
+    assert done.returncode == 0, done.stderr
+    step = dict(method="qlora", dora=True, gpus=4, strategy="fsdp")
+    estimate = estimate_memory(TINY_LLAMA, batch_size=8, **step)
+    assert f"{'total (the peak)':<22} {format_bytes(estimate.total):>20}" in done.stdout
+    assert "on 4 x cuda" in done.stdout and "per GPU (FSDP, 2 sequences each)" in done.stdout
+    assert "adapters: DoRA r=8" in done.stdout
+    found = re.search(r"on 4 GPUs of 24 GB \(24 GiB\): at most (\d+) sequences", done.stdout)
+    assert found and int(found.group(1)) % 4 == 0, done.stdout
+    n = int(found.group(1))
+    fits = [estimate_memory(TINY_LLAMA, batch_size=b, **step).fits(24 * 2**30) for b in (n, n + 4)]
+    assert fits == [True, False]
+
+
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_measure_prints_a_receipt_beside_the_estimate(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
@@ -85,6 +102,11 @@ def test_measure_prints_a_receipt_beside_the_estimate(tmp_path):
         (["--gpu", "24 furlongs"], "argument --gpu: must be a size such as 24GB"),
         (["--gpu", "0GB"], "argument --gpu: must be a size"),
         (["--device", "tpu"], "argument --device: invalid choice"),
+        (["--method", "full", "--dora"], "dora=True needs method 'lora' or 'qlora'"),
+        (["--gpus", "3", "--batch-size", "8"], "batch_size 8 does not split evenly over 3 GPUs"),
+        (["--gpus", "0"], "argument --gpus"),
+        (["--strategy", "zero3"], "argument --strategy: invalid choice"),
+        (["--gpus", "2", "--batch-size", "2", "--measure"], "--measure runs one process"),
     ],
 )
 def test_bad_options_are_one_line(argv, words):

@@ -250,3 +250,75 @@ def test_cuda_forward_backward_match_cpu():
     torch.testing.assert_close(y_gpu.cpu(), y, rtol=1e-5, atol=1e-5)  # TF32/cuBLAS order
     torch.testing.assert_close(x_gpu.grad.cpu(), x.grad, rtol=1e-5, atol=1e-5)
     assert gpu(x_gpu.bfloat16()).dtype == torch.bfloat16
+
+
+STORAGES = [torch.uint8, torch.float16, torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("quant_storage", STORAGES)
+@pytest.mark.parametrize("shape", [(37, 130), (3, 3)])  # 2405 and 9 codes: odd byte counts
+def test_quant_storage_keeps_the_same_bytes_in_a_frozen_parameter(quant_storage, shape):
+    # oracle: the default layer (uint8 buffer), decoded and run bit for bit the same
+    linear, default = make(*shape)
+    stored = Linear4bit.from_linear(linear, quant_storage=quant_storage)
+    assert "weight_packed" not in dict(stored.named_buffers())
+    parameter = dict(stored.named_parameters())["weight_packed"]
+    assert parameter.dtype == quant_storage and not parameter.requires_grad
+    width = parameter.element_size()
+    n_bytes = default.weight_packed.numel()
+    assert parameter.numel() == -(-n_bytes // width)  # zero-padded to whole elements
+    raw = parameter.detach().view(torch.uint8)
+    assert torch.equal(raw[:n_bytes], default.weight_packed)
+    assert not raw[n_bytes:].any()
+    assert torch.equal(stored.dequantize_weight(), default.dequantize_weight())
+    x = torch.randn(4, shape[1], requires_grad=True)
+    x_default = x.detach().clone().requires_grad_()
+    y, y_default = stored(x), default(x_default)
+    assert torch.equal(y, y_default)
+    y.sum().backward()
+    y_default.sum().backward()
+    assert torch.equal(x.grad, x_default.grad)
+
+
+@pytest.mark.parametrize("quant_storage", [torch.bfloat16, torch.float32, torch.uint8])
+def test_quant_storage_codes_are_bitsandbytes_own(quant_storage):
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    linear, _ = make(32, 64)
+    packed, _state = bnb_functional.quantize_4bit(
+        linear.weight.detach(),
+        blocksize=64,
+        quant_type="nf4",
+        quant_storage=quant_storage,
+        compress_statistics=False,
+    )
+    ours = Linear4bit.from_linear(linear, double_quant=False, quant_storage=quant_storage)
+    assert packed.dtype == ours.weight_packed.dtype  # bitsandbytes keeps them as (n, 1)
+    # as bytes: a float view of codes may hold NaN patterns, which never compare equal
+    assert torch.equal(packed.flatten().view(torch.uint8), ours.weight_packed.view(torch.uint8))
+
+
+def test_quant_storage_follows_the_device_but_never_a_dtype_cast():
+    _, layer = make(quant_storage=torch.bfloat16)
+    before = layer.weight_packed.detach().clone()
+    layer.half()
+    layer.to(torch.float64)
+    assert layer.weight_packed.dtype == torch.bfloat16
+    assert torch.equal(layer.weight_packed.detach().view(torch.uint8), before.view(torch.uint8))
+    assert isinstance(layer.weight_packed, torch.nn.Parameter)
+
+
+def test_set_quant_storage_round_trips_and_refuses_other_dtypes():
+    linear, layer = make()
+    decoded = layer.dequantize_weight()
+    layer.set_quant_storage(torch.float16)
+    layer.set_weight(linear.weight.detach())  # quantizing again keeps the storage
+    assert layer.weight_packed.dtype == torch.float16
+    layer.set_quant_storage(None)
+    assert "weight_packed" in dict(layer.named_buffers())
+    assert layer.weight_packed.dtype == torch.uint8
+    assert torch.equal(layer.dequantize_weight(), decoded)
+    with pytest.raises(ValueError, match="quant_storage must be one of"):
+        layer.set_quant_storage(torch.int8)
+    with pytest.raises(ValueError, match="quant_storage must be one of"):
+        Linear4bit(4, 4, quant_storage="bfloat16")
+    assert layer.quant_storage is None  # the refused call changed nothing
