@@ -66,9 +66,14 @@ two, so a "24 GB" card holds 24 GiB (what `lowrank estimate --gpu 24GB` uses).
 Assumed: the model and its activations in `dtype` without autocast, no padding mask, LoRA
 dropout 0, PyTorch's AdamW. Not counted: the CUDA context, allocator fragmentation, the
 tokenizer and data loader. tests/test_memory.py holds the estimate to peaks measured by
-`lowrank.torch.measure` in a fresh process (CPU within 15%, CUDA within 10%). (~430 lines: the
-estimate, its table and the GPU questions read together; what the batch adds is
-`lowrank.activations`.)
+`lowrank.torch.measure` in a fresh process (CPU within 15%, CUDA within 10%).
+
+DoRA (`dora=True`; Liu et al. 2024, arXiv:2402.09353) adds a trained magnitude per output
+feature and two saved fp32 tensors per adapted layer. Several GPUs (`gpus=N`, `strategy="ddp"`
+or `"fsdp"`): the batch is split among them and the estimate is one GPU's, with what DDP or
+FSDP replicates, shards and gathers (`lowrank.sharding`). (~520 lines: the estimate, its table
+and the GPU questions read together; what the batch adds is `lowrank.activations`, what a
+strategy changes `lowrank.sharding`.)
 """
 
 import math

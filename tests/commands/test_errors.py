@@ -37,7 +37,7 @@ PARSE_CASES = [
     ("estimate-empty-target", ["estimate", "{d}/bert.json", "--targets", "query,"], "--targets"),
     ("seed-negative", ["numpy-demo", "--seed", "-1"], "--seed: must be a non-negative"),
     ("seed-text", ["numpy-demo", "--seed", "x"], "--seed"),
-    ("finetune-r-0", ["finetune", "m", "d", "--r", "0"], "--r/--lora-r: must be a positive integer"),
+    ("finetune-r-0", ["finetune", "m", "d", "--r", "0"], "--r/--lora-r: must be a positive"),
     ("alpha-inf", ["finetune", "m", "d", "--alpha", "inf"], "--alpha: must be a finite number"),
     ("alpha-nan", ["finetune", "m", "d", "--alpha", "nan"], "--alpha: must be a finite number"),
     ("alpha-overflow", ["finetune", "m", "d", "--alpha", "1e999"], "--alpha"),
