@@ -58,7 +58,7 @@ def text(site: Path, page: str) -> str:
 
 def test_every_notebook_is_rendered_with_its_figures(site):
     notebooks = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
-    assert len(notebooks) == 7
+    assert len(notebooks) == 8
     for name in notebooks:
         page = html(site, f"notebooks/{name}")
         assert "jp-Notebook" in page or "jp-Cell" in page, f"{name} is not a rendered notebook"
