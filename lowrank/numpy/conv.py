@@ -21,8 +21,7 @@ The PyTorch mirror, on nn.Conv1d and nn.Conv2d, is `lowrank.torch.conv`.
 
 import numpy as np
 
-from lowrank._validate import check_adapter
-from lowrank.numpy.lora import LoRALinear, _as_float_array, kaiming_uniform_A
+from lowrank.numpy.lora import LoRALinear, _as_float_array
 
 __all__ = ["im2col", "col2im", "Conv2d", "LoRAConv"]
 
@@ -313,31 +312,7 @@ class LoRAConv(LoRALinear):
         kh, kw = self.base_layer.kernel_size
         in_features = self.base_layer.in_channels * kh * kw  # numbers in one patch
         out_features = self.base_layer.out_channels
-        check_adapter(
-            r=r,
-            alpha=alpha,
-            dropout=dropout,
-            init=init,
-            in_features=in_features,
-            out_features=out_features,
-        )
-        if rng is not None and not isinstance(rng, np.random.Generator):
-            raise TypeError(f"rng must be a np.random.Generator, got {type(rng).__name__}")
-        self.r = int(r)
-        self.alpha = float(alpha)
-        self.dropout = float(dropout)
-        self.use_rslora = bool(use_rslora)
-        self.rng = np.random.default_rng(0) if rng is None else rng
-        dtype = self.base_layer.weight.dtype
-        if init == "kaiming":
-            self.A = kaiming_uniform_A(self.r, in_features, self.rng, dtype)  # (r, in)
-        else:
-            self.A = self.rng.normal(0.0, 1.0 / self.r, size=(self.r, in_features)).astype(dtype)
-        self.B = np.zeros((out_features, self.r), dtype=dtype)  # (out, r)
-        self.merged = False
-        self.grad_A: np.ndarray | None = None
-        self.grad_B: np.ndarray | None = None
-        self._cache: tuple[np.ndarray, np.ndarray | None, np.ndarray, tuple] | None = None
+        self._start_adapter(in_features, out_features, r, alpha, dropout, use_rslora, init, rng)
 
     def base_weight(self) -> np.ndarray:
         """The frozen W [out, in_channels, kh, kw] flattened to [out, in] (a view)."""

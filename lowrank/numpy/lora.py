@@ -256,6 +256,10 @@ class LoRALinear:
     ) -> None:
         self.base_layer = Linear.frozen(weight, bias)  # copies: merge changes ours, not yours
         out_features, in_features = self.base_layer.weight.shape
+        self._start_adapter(in_features, out_features, r, alpha, dropout, use_rslora, init, rng)
+
+    def _start_adapter(self, in_features, out_features, r, alpha, dropout, use_rslora, init, rng):
+        """Check the adapter's settings, then make A [r, in] (kaiming or gaussian) and B = 0."""
         check_adapter(
             r=r,
             alpha=alpha,
@@ -281,7 +285,7 @@ class LoRALinear:
         self.merged = False
         self.grad_A: np.ndarray | None = None
         self.grad_B: np.ndarray | None = None
-        self._cache: tuple[np.ndarray, np.ndarray | None, np.ndarray] | None = None
+        self._cache: tuple | None = None  # what forward keeps for backward
 
     @property
     def scale(self) -> float:
