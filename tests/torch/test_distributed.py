@@ -26,13 +26,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
+from torchrun import run_torchrun
 
 from lowrank.cli import main as cli_main
 from lowrank.commands.finetune import finetune
@@ -65,9 +65,7 @@ ENV = {
 
 def _torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m torch.distributed.run --standalone` (a free rendezvous port) with `args`."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node", str(nproc), *args]
-    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=timeout)
+    done = run_torchrun(list(args), env=ENV, nproc=nproc, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 

@@ -7,12 +7,10 @@ The estimate shares nothing with these numbers: they are read off the wrapped mo
 
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from torchrun import run_torchrun
 
 from lowrank.memory import estimate_memory
 
@@ -27,12 +25,6 @@ TINY_LLAMA = {
     "num_key_value_heads": 2,
     "vocab_size": 8000,
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 CASES = [  # (method, targets, strategy, dora)
@@ -54,13 +46,8 @@ def ranks(tmp_path_factory) -> list[list[dict]]:
         dict(config=TINY_LLAMA, method=method, targets=targets, r=8, strategy=strategy, dora=dora)
         for method, targets, strategy, dora in CASES
     ]
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        str(WORKER), json.dumps({"out": str(out), "cases": cases}),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    job = json.dumps({"out": str(out), "cases": cases})
+    done = run_torchrun([str(WORKER), job], env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
