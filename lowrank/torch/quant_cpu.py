@@ -182,19 +182,22 @@ def _float16_bits(bits):
 @njit(nogil=True, cache=True)
 def _dequantize_float32(packed, scales, blocksize, levels, out):
     """Decode whole blocks into float32 `out` (scales.size * blocksize,), its first element the
-    high nibble of packed[0]; scales float32; levels (16,) float32. Each block first makes its
-    16 possible values level * scale, then every element picks one. Arrays start at 0 and the
-    loops run from 0: numba then knows no index is negative, leaves out its negative-index
-    check, and the element loop vectorizes (2-3x faster)."""
+    high nibble of packed[0]; scales float32; levels (16,) float32; blocksize even (a block is
+    whole bytes). Each block first makes its 16 possible values level * scale, then each byte
+    of codes picks two. Arrays start at 0 and the loops run from 0: numba then knows no index
+    is negative, leaves out its negative-index check, and the byte loop vectorizes (2-3x
+    faster; a byte loop is ~1.4x quicker than one that finds each element's nibble)."""
     products = np.empty(16, np.float32)
+    half = blocksize >> 1  # bytes per block
     for block in range(scales.size):
         scale = scales[block]
         for k in range(16):
             products[k] = levels[k] * scale
-        start = block * blocksize
-        for j in range(blocksize):
-            i = start + j
-            out[i] = products[(np.int32(packed[i >> 1]) >> (4 - 4 * (i & 1))) & 15]
+        first = block * half
+        for j in range(half):
+            byte = np.int32(packed[first + j])
+            out[2 * (first + j)] = products[byte >> 4]  # the high nibble comes first
+            out[2 * (first + j) + 1] = products[byte & 15]
 
 
 @njit(nogil=True, cache=True)
@@ -205,6 +208,7 @@ def _dequantize_16bit(packed, scales, blocksize, levels, bfloat16, out):
     products = np.empty(16, np.float32)
     words = products.view(np.uint32)
     table = np.empty(16, np.uint16)
+    half = blocksize >> 1  # bytes per block (blocksize even)
     for block in range(scales.size):
         scale = scales[block]
         for k in range(16):
@@ -215,10 +219,11 @@ def _dequantize_16bit(packed, scales, blocksize, levels, bfloat16, out):
                 table[k] = (word + 0x7FFF + ((word >> 16) & 1)) >> 16
             else:
                 table[k] = _float16_bits(words[k])
-        start = block * blocksize
-        for j in range(blocksize):
-            i = start + j
-            out[i] = table[(np.int32(packed[i >> 1]) >> (4 - 4 * (i & 1))) & 15]
+        first = block * half
+        for j in range(half):
+            byte = np.int32(packed[first + j])
+            out[2 * (first + j)] = table[byte >> 4]
+            out[2 * (first + j) + 1] = table[byte & 15]
 
 
 def quantize_blocks(
@@ -343,9 +348,8 @@ def dequantize(
     direct = dtype in (torch.bfloat16, torch.float16) and bool(np.all(np.isfinite(scales)))
     out = np.empty(n, np.uint16 if direct else np.float32)  # bfloat16 and float16 as bits
     levels = code_for(quant_type)
-    whole = n // blocksize
+    whole = n // blocksize if blocksize > 1 else 0  # blocksize 1 (half a byte): all in NumPy
     per_task = max(1, _DEQUANTIZE_CHUNK // blocksize)
-    per_task += per_task % 2 if blocksize == 1 else 0  # whole bytes: chunks start on a byte
 
     def work(first: int) -> None:  # blocks [first, first + per_task)
         last = min(first + per_task, whole)
@@ -360,7 +364,8 @@ def dequantize(
     if whole * blocksize < n:  # a short last block, in NumPy (torch rounds it if 16-bit)
         start = whole * blocksize
         nibbles = np.stack([packed[start // 2 :] >> 4, packed[start // 2 :] & 15], 1)
-        tail = levels[nibbles.reshape(-1)[: n - start]] * scales[whole]  # float32
+        element_scales = np.repeat(scales[whole:], blocksize)[: n - start]
+        tail = levels[nibbles.reshape(-1)[: n - start]] * element_scales  # float32
         if direct:
             tail = torch.from_numpy(tail).to(dtype).view(torch.int16).numpy().view(np.uint16)
         out[start:] = tail
@@ -405,15 +410,23 @@ def scale_limit(dtype: torch.dtype) -> float:
 def _run_chunks(work: Callable[[int], None], n: int, chunk: int) -> None:
     """Call `work(start)` for start = 0, chunk, 2 * chunk, ... below n, on up to
     `torch.get_num_threads()` threads: the compiled loops let go of Python's global lock, so the
-    chunks really run side by side. Each call writes its own slice of the outputs."""
+    chunks really run side by side. Each call writes its own slice of the outputs. Each thread
+    takes one run of neighbouring chunks (one task per thread: a task per chunk cost more in
+    the pool than the chunks gained, a 2048 x 2048 decode on two threads 7.2 ms against 4.6)."""
     starts = range(0, n, chunk)
     workers = min(torch.get_num_threads(), len(starts))
     if workers <= 1:
         for start in starts:
             work(start)
         return
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(work, starts))  # list() waits, and re-raises a chunk's error here
+    per_worker = -(-len(starts) // workers)  # each thread one run of neighbouring chunks
+
+    def run(first: int) -> None:
+        for start in starts[first : first + per_worker]:
+            work(start)
+
+    with ThreadPoolExecutor(workers) as pool:  # list() waits, and re-raises a chunk's error
+        list(pool.map(run, range(0, len(starts), per_worker)))
 
 
 @dataclass(frozen=True)
