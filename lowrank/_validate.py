@@ -20,6 +20,7 @@ QUANT_TYPES = ("nf4", "fp4", "int4")  # the 4-bit codebooks (`codebooks.code_for
 INITS = ("kaiming", "gaussian")  # how LoRA's A is drawn (B always starts at zero)
 METHODS = ("full", "lora", "qlora")  # fine-tuning methods (accounting, estimator, CLI)
 FLOAT_DTYPES = ("fp32", "fp16", "bf16")  # storage names used by accounting and the estimator
+PARALLEL_MODES = ("ddp", "fsdp")  # several GPUs: the trainer's `parallel`, the estimator's strategy
 
 
 class ArgumentTypeError(TypeError, ValueError):

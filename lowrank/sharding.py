@@ -37,9 +37,11 @@ GPU), allocator fragmentation, padding each shard to a multiple of N rows.
 
 import math
 
+from lowrank._validate import PARALLEL_MODES
+
 __all__ = ["STRATEGIES", "per_gpu_parts", "sharded_weight_parts"]
 
-STRATEGIES = ("ddp", "fsdp")
+STRATEGIES = PARALLEL_MODES  # the trainer's `parallel` modes, one vocabulary
 REPLICATED_UNDER_FSDP = ("absmax, double-quant",)  # buffers: FSDP shards parameters only
 
 

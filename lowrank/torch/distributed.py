@@ -41,10 +41,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lowrank._validate import PARALLEL_MODES
 from lowrank.torch.qlora import QUANT_STORAGE_DTYPES, Linear4bit
 
 __all__ = [
     "PARALLEL_MODES",
+    "check_parallel",
     "Launch",
     "Parallel",
     "launch_from_env",
@@ -57,7 +59,18 @@ __all__ = [
     "set_quant_storage",
 ]
 
-PARALLEL_MODES = ("ddp", "fsdp")  # TrainConfig.parallel
+
+def check_parallel(mode: object) -> str | None:
+    """`TrainConfig.parallel`: None, or one of `PARALLEL_MODES` ("ddp", "fsdp").
+
+    Examples:
+        >>> from lowrank.torch.distributed import check_parallel
+        >>> check_parallel("fsdp"), check_parallel(None)
+        ('fsdp', None)
+    """
+    if mode is not None and mode not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {list(PARALLEL_MODES)} or None, got {mode!r}")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -377,10 +390,7 @@ class Parallel:
             ValueError: an unknown mode, a bad launch environment, or a process group of
                 another size than WORLD_SIZE.
         """
-        if mode is not None and mode not in PARALLEL_MODES:
-            raise ValueError(
-                f"parallel must be one of {list(PARALLEL_MODES)} or None, got {mode!r}"
-            )
+        mode = check_parallel(mode)
         launch = launch_from_env()
         if launch.world_size == 1:
             return cls(None, launch, device, owns_group=False)

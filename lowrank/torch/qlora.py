@@ -75,8 +75,9 @@ def _check_quant_storage(quant_storage) -> torch.dtype | None:
 
 def _decode(layout, packed, absmax, offset, absmax2) -> torch.Tensor:
     shape, dtype, blocksize, quant_type, double_quant, in_parameter = layout
-    if in_parameter:  # the CPU kernels read codes through .numpy(), which would make the
-        packed = packed.clone()  # storage FSDP frees after forward non-resizable: decode a copy
+    if in_parameter and packed.device.type == "cpu":  # the CPU kernels read codes through
+        packed = packed.clone()  # .numpy(), which would make the storage FSDP frees after
+        # forward non-resizable: they decode a copy (CUDA decodes the parameter itself)
     q = Quantized4bit(
         packed, absmax, offset, absmax2, shape, dtype, blocksize, quant_type, double_quant
     )
@@ -288,8 +289,9 @@ class Linear4bit(nn.Module):
             self.register_buffer("weight_packed", codes)
             return
         width = torch.empty((), dtype=self.quant_storage).element_size()
-        padded = torch.zeros(-(-codes.numel() // width) * width, dtype=torch.uint8)
-        padded = padded.to(codes.device)
+        padded = torch.zeros(
+            -(-codes.numel() // width) * width, dtype=torch.uint8, device=codes.device
+        )
         padded[: codes.numel()] = codes
         stored = padded.view(self.quant_storage)  # the same bytes, read as quant_storage
         self.weight_packed = nn.Parameter(stored, requires_grad=False)

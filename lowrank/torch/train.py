@@ -74,7 +74,7 @@ from lowrank.torch.checkpoint import (
     save_trainable,
     trainable_parameters,
 )
-from lowrank.torch.distributed import PARALLEL_MODES, Parallel, full_trainable
+from lowrank.torch.distributed import Parallel, check_parallel, full_trainable
 from lowrank.torch.model import lora_layers
 
 __all__ = [
@@ -165,10 +165,7 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm}")
         if self.loraplus_lr_ratio is not None:
             check_positive_number("loraplus_lr_ratio", self.loraplus_lr_ratio)
-        if self.parallel is not None and self.parallel not in PARALLEL_MODES:
-            raise ValueError(
-                f"parallel must be one of {list(PARALLEL_MODES)} or None, got {self.parallel!r}"
-            )
+        check_parallel(self.parallel)
         checkpoints = self.save_steps or self.save_every_epoch or self.resume_from
         if self.parallel == "fsdp" and checkpoints:
             raise ValueError(
