@@ -13,7 +13,7 @@ and every choice gives exactly the codes and values of the plain tensor path bel
 absmax, a bucketize over the midpoints, a pair-table decode). On CUDA with triton installed:
 `quant_triton`, one Triton kernel for each (tests/torch/test_quant_triton.py checks them, on CPU
 through Triton's interpreter). On CPU, where PyTorch's per-element gathers and its binary search
-are slow: `quant_cpu`, NumPy kernels on the same memory (tests/torch/test_quant_cpu.py). On
+are slow: `quant_cpu`, compiled loops (C++ on torch's threads, or numba) on the same memory. On
 CUDA without triton, on other devices, and while torch.compile traces: the tensor path, the
 readable fallback. On CUDA the Python side reads back one value only: "does w hold NaN or
 inf?", which quantize's ValueError needs (a NaN or inf makes its block's absmax NaN or inf, so

@@ -33,10 +33,18 @@ index is negative and drops its negative-index check; with it the element loops 
 vectorize and ran 2-3x slower), counts kept in int32 (uint8 stores stopped vectorization), and
 no view made inside a loop's function of an array it writes.
 
-About 440 lines: three kernels and the two launchers that cut their work into chunks; the
+Two builds of the same loops. Where a C++ compiler is (with OpenMP, and ninja),
+`quant_native` compiles them from `quant_native.cpp` once per machine and the launchers here
+call those: the same arithmetic, run on PyTorch's own OpenMP threads, which matters because the
+decode runs between matmuls (a 2048 x 2048 float32 decode on two threads right after a matmul:
+2.1 ms in C++, 6.0 ms in the numba loops on Python threads, which then compete with PyTorch's
+still-spinning workers), and reading float16 without widening it first. Elsewhere the numba
+loops below run; tests/torch/test_quant_cpu.py runs every test on both.
+
+About 550 lines: three numba kernels and the two launchers that cut their work into chunks; the
 launchers' slicing is what keeps every kernel's indices starting at 0, so they stay together.
 
-The loops release Python's lock (`nogil`) and `_run_chunks` runs chunks of blocks on up to
+The numba loops release Python's lock (`nogil`) and `_run_chunks` runs chunks of blocks on up to
 `torch.get_num_threads()` threads (not numba's own thread pool: its default layer aborts the
 process when two Python threads call a parallel kernel at once). Compiled code is cached on
 disk (`cache=True`): the first call in a fresh install compiles for a few seconds, later
@@ -57,6 +65,7 @@ from numba import njit
 from lowrank.numpy import quant as reference
 from lowrank.numpy import quantized as reference_quantized
 from lowrank.numpy.codebooks import code_for, dynamic_map
+from lowrank.torch import quant_native
 from lowrank.torch.quantized import DOUBLE_QUANT_BLOCKSIZE, FLOAT32_MAX
 
 __all__ = ["dequantize", "quantize_blocks", "scale_limit"]
@@ -235,7 +244,8 @@ def quantize_blocks(
     Returns (codes uint8 [n], absmax float32 [n_blocks]); with `pack` (a 16-level table) the
     codes come back packed, uint8 [ceil(n / 2)] (as `quant.pack_4bit`, an odd n padded with the
     code of 0.0). float32 and bfloat16 x are read in place (bfloat16 is the top half of a
-    float32: widening it is exact); other dtypes are rounded to float32 by torch first. Raises
+    float32: widening it is exact), and float16 where the C++ kernels run (widened exactly
+    there); other dtypes are rounded to float32 by torch first. Raises
     ValueError if x holds NaN or inf (or values beyond the float32 range).
 
     Examples:
@@ -254,19 +264,56 @@ def quantize_blocks(
         >>> torch.equal(codes, expected_codes), torch.equal(absmax, expected_absmax)
         (True, True)
     """
-    if x.dtype not in (torch.float32, torch.bfloat16):
-        x = x.float()  # float32 like bitsandbytes
-    x = x.contiguous()  # [n]; only read
-    if x.dtype == torch.bfloat16:  # its bits, shifted up, are the float32 bits
-        source, shift = x.view(torch.int16).numpy().view(np.uint16), np.uint32(16)
-    else:
-        source, shift = x.numpy().view(np.uint32), np.uint32(0)
-    n = source.size
+    native = quant_native.kernels()
+    if x.dtype not in ((torch.float32, torch.bfloat16) + ((torch.float16,) if native else ())):
+        x = x.float()  # float32 like bitsandbytes (the C++ kernels widen float16 themselves)
+    x = x.contiguous().view(-1)  # [n]; only read
+    n = x.numel()
     absmax = np.empty(-(-n // blocksize), np.float32)  # [n_blocks]
     search = _search_table(table)
     whole = n // blocksize if pack and blocksize >= 2 else 0  # blocks for the packed kernel
+    rest = whole * blocksize  # what is left: everything unpacked, or a short last block
     codes = np.empty(-(-n // 2) if pack else n, np.uint8)
+    unpacked = codes if not pack else np.empty(n - rest, np.uint8)
+    if native:
+        threads = torch.get_num_threads()
+        if whole:
+            quant_native.quantize_4bit(
+                x, blocksize, search.midpoints, search.order, absmax[:whole],
+                codes[: rest // 2], threads,
+            )  # fmt: skip
+        if rest < n:
+            quant_native.quantize_codes(
+                x[rest:], blocksize, search.below, search.threshold, search.order,
+                absmax[whole:], unpacked, threads,
+            )  # fmt: skip
+    else:
+        _quantize_in_numba(x, blocksize, search, whole, absmax, codes, unpacked)
+    if pack and rest < n:  # rest is even: these codes fill the last bytes, padded with 0.0's
+        if unpacked.size % 2:
+            unpacked = np.append(unpacked, np.uint8(search.pad_code))
+        codes[rest // 2 :] = (unpacked[0::2] << 4) | unpacked[1::2]
+    # a NaN or inf anywhere makes its block's absmax NaN or inf: check the scales only
+    if not np.all(np.isfinite(absmax)):
+        raise ValueError("w contains NaN or inf (or values beyond the float32 range)")
+    return torch.from_numpy(codes), torch.from_numpy(absmax)
+
+
+def _quantize_in_numba(
+    x: torch.Tensor,
+    blocksize: int,
+    search: "_Search",
+    whole: int,
+    absmax: np.ndarray,
+    codes: np.ndarray,
+    unpacked: np.ndarray,
+) -> None:
+    """`quantize_blocks`' kernels where the C++ ones do not build: the first `whole` blocks of
+    x (float32 or bfloat16) packed into codes, the rest one code per element into unpacked;
+    chunks of blocks on Python threads (`_run_chunks`)."""
+    n, rest = x.numel(), whole * blocksize
     per_task = max(1, _QUANTIZE_CHUNK // blocksize)  # blocks per task
+    source, shift = _bits(x)
 
     def packed_blocks(first: int) -> None:  # blocks [first, first + per_task) of the whole
         last = min(first + per_task, whole)
@@ -276,8 +323,6 @@ def quantize_blocks(
         )  # fmt: skip
 
     _run_chunks(packed_blocks, whole, per_task)
-    rest = whole * blocksize  # what is left: everything unpacked, or a short last block
-    unpacked = codes if not pack else np.empty(n - rest, np.uint8)
 
     def coded_blocks(first: int) -> None:  # blocks [first, first + per_task) after the whole
         start, stop = rest + first * blocksize, min(rest + (first + per_task) * blocksize, n)
@@ -287,14 +332,15 @@ def quantize_blocks(
         )  # fmt: skip
 
     _run_chunks(coded_blocks, absmax.size - whole, per_task)
-    if pack and rest < n:  # rest is even: these codes fill the last bytes, padded with 0.0's
-        if unpacked.size % 2:
-            unpacked = np.append(unpacked, np.uint8(search.pad_code))
-        codes[rest // 2 :] = (unpacked[0::2] << 4) | unpacked[1::2]
-    # a NaN or inf anywhere makes its block's absmax NaN or inf: check the scales only
-    if not np.all(np.isfinite(absmax)):
-        raise ValueError("w contains NaN or inf (or values beyond the float32 range)")
-    return torch.from_numpy(codes), torch.from_numpy(absmax)
+
+
+def _bits(x: torch.Tensor) -> tuple[np.ndarray, np.uint32]:
+    """The numba kernels' view of a contiguous float32 or bfloat16 x: its float32 bit patterns
+    as (uint32 array, shift 0), or bfloat16's as (uint16 array, shift 16), which shifted up are
+    the float32 bits (widening bfloat16 is exact)."""
+    if x.dtype == torch.bfloat16:
+        return x.view(torch.int16).numpy().view(np.uint16), np.uint32(16)
+    return x.numpy().view(np.uint32), np.uint32(0)
 
 
 def dequantize(
@@ -339,28 +385,41 @@ def dequantize(
         tensor([ 1.0000, -1.0000,  0.0000,  0.4407,  2.0000])
     """
     n = math.prod(shape)
-    packed, scales = packed.contiguous().numpy(), _scales(absmax, offset, absmax2, double_quant)
-    limit = scale_limit(dtype)
-    if limit < FLOAT32_MAX:  # float16 and bfloat16: level * scale must fit the dtype
-        scales = np.clip(scales, np.float32(-limit), np.float32(limit))  # a copy, never in place
-    # float32, bfloat16 and float16 are written here; float64, and scales that are not finite
-    # (NaN: torch's cast has its own bit patterns), are made in float32 and cast by torch
-    direct = dtype in (torch.bfloat16, torch.float16) and bool(np.all(np.isfinite(scales)))
-    out = np.empty(n, np.uint16 if direct else np.float32)  # bfloat16 and float16 as bits
-    levels = code_for(quant_type)
+    packed, levels, limit = packed.contiguous().numpy(), code_for(quant_type), scale_limit(dtype)
     whole = n // blocksize if blocksize > 1 else 0  # blocksize 1 (half a byte): all in NumPy
-    per_task = max(1, _DEQUANTIZE_CHUNK // blocksize)
+    native = whole and quant_native.kernels()
+    # float32, bfloat16 and float16 are written here; float64, and scales that may be NaN
+    # (torch's cast has its own NaN bit patterns), are made in float32 and cast by torch
+    scales = None if native and whole == absmax.numel() else _clamped_scales(
+        absmax, offset, absmax2, double_quant, limit
+    )  # fmt: skip
+    direct = dtype in (torch.bfloat16, torch.float16) and (
+        _scales_have_no_nan(absmax, offset, absmax2, double_quant)
+        if scales is None
+        else not np.isnan(scales).any()
+    )
+    out = np.empty(n, np.uint16 if direct else np.float32)  # bfloat16 and float16 as bits
+    if native:  # the C++ kernels rebuild and clamp each block's scale themselves
+        quant_native.dequantize_4bit(
+            packed, absmax.contiguous().numpy(),
+            absmax2.contiguous().numpy() if double_quant else None,
+            float(offset) if double_quant else 0.0, limit, whole, blocksize, levels,
+            out[: whole * blocksize], str(dtype).removeprefix("torch.") if direct else "float32",
+            torch.get_num_threads(),
+        )  # fmt: skip
+    else:
+        per_task = max(1, _DEQUANTIZE_CHUNK // blocksize)
 
-    def work(first: int) -> None:  # blocks [first, first + per_task)
-        last = min(first + per_task, whole)
-        arrays = packed[first * blocksize // 2 :], scales[first:last], blocksize, levels
-        chunk = out[first * blocksize : last * blocksize]
-        if direct:
-            _dequantize_16bit(*arrays, dtype == torch.bfloat16, chunk)
-        else:
-            _dequantize_float32(*arrays, chunk)
+        def work(first: int) -> None:  # blocks [first, first + per_task)
+            last = min(first + per_task, whole)
+            arrays = packed[first * blocksize // 2 :], scales[first:last], blocksize, levels
+            chunk = out[first * blocksize : last * blocksize]
+            if direct:
+                _dequantize_16bit(*arrays, dtype == torch.bfloat16, chunk)
+            else:
+                _dequantize_float32(*arrays, chunk)
 
-    _run_chunks(work, whole, per_task)
+        _run_chunks(work, whole, per_task)
     if whole * blocksize < n:  # a short last block, in NumPy (torch rounds it if 16-bit)
         start = whole * blocksize
         nibbles = np.stack([packed[start // 2 :] >> 4, packed[start // 2 :] & 15], 1)
@@ -371,6 +430,35 @@ def dequantize(
         out[start:] = tail
     values = torch.from_numpy(out)
     return (values.view(dtype) if direct else values.to(dtype)).view(shape)
+
+
+def _clamped_scales(
+    absmax: torch.Tensor,
+    offset: torch.Tensor | None,
+    absmax2: torch.Tensor | None,
+    double_quant: bool,
+    limit: float,
+) -> np.ndarray:
+    """`_scales`, clamped to +-limit (float16 and bfloat16: level * scale must fit the dtype)."""
+    scales = _scales(absmax, offset, absmax2, double_quant)
+    if limit < FLOAT32_MAX:
+        scales = np.clip(scales, np.float32(-limit), np.float32(limit))  # a copy, never in place
+    return scales
+
+
+def _scales_have_no_nan(
+    absmax: torch.Tensor,
+    offset: torch.Tensor | None,
+    absmax2: torch.Tensor | None,
+    double_quant: bool,
+) -> bool:
+    """Whether every clamped scale is surely a number, read from the stored fields alone: a
+    float32 absmax without NaN; a double-quantized one with finite absmax2 and offset (a level
+    of the dynamic map is at most 1, so code * absmax2 + offset is then never NaN). Where this
+    says False the decode goes through float32 and torch's cast: the same bits for numbers."""
+    if not double_quant:
+        return not torch.isnan(absmax).any()
+    return bool(torch.isfinite(absmax2).all() and torch.isfinite(offset).all())
 
 
 def _scales(

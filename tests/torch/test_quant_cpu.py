@@ -1,6 +1,9 @@
 """lowrank.torch.quant_cpu, the CPU fast path, against the plain tensor path of
 lowrank.torch.quant (which CUDA runs, and which also runs on CPU tensors): the same codes,
-scales, packed bytes and dequantized bits, across chunk seams and threads."""
+scales, packed bytes and dequantized bits, across chunk seams and threads. Every test runs
+twice: with the C++ kernels (quant_native) and with the numba loops they stand in for."""
+
+import shutil
 
 import numpy as np
 import pytest
@@ -11,12 +14,32 @@ from hypothesis.extra import numpy as hnp
 from quant_bounds import BFLOAT16_MAX, EDGE_VALUES
 
 from lowrank.numpy import codebooks as np_codebooks
-from lowrank.torch import codebooks, quant, quant_cpu
+from lowrank.torch import codebooks, quant, quant_cpu, quant_native
 from lowrank.torch.codebooks import code_for
 from lowrank.torch.quant import dequantize_4bit, quantize_4bit
 from lowrank.torch.quantized import Quantized4bit
 
 QUANT_TYPES = ["nf4", "fp4", "int4"]
+
+
+@pytest.fixture(autouse=True, params=["native", "numba"])
+def kernels(request, monkeypatch):
+    """The C++ kernels where they build, and the numba loops (what runs where they do not)."""
+    if request.param == "numba":
+        monkeypatch.setattr(quant_native, "kernels", lambda: None)
+    elif quant_native.kernels() is None:
+        pytest.skip(f"the C++ kernels do not build here: {quant_native.unavailable_reason()}")
+    return request.param
+
+
+def test_native_kernels_build_where_a_compiler_is(kernels):
+    """CI has g++ and ninja: there the C++ kernels must build (else the tests above would only
+    skip them)."""
+    if kernels == "numba":
+        pytest.skip("asks for the C++ kernels")
+    if not (shutil.which("c++") or shutil.which("g++")) or not shutil.which("ninja"):
+        pytest.skip("no C++ compiler or no ninja")
+    assert quant_native.kernels() is not None, quant_native.unavailable_reason()
 
 
 def tricky_scaled_values(table: str) -> torch.Tensor:
@@ -84,20 +107,21 @@ def test_cpu_packed_blocks_equal_tensor_packed_blocks(quant_type, dtype, n, bloc
 def test_float16_rounding_equals_torch_cast():
     """The compiled float32 -> float16 rounding (nearest even, float16's subnormals) against
     torch's cast, on every 61st float32 bit pattern from 2 ** -27 to 65504 (both signs) and on
-    the exact ties between float16 neighbours: decoded as level 1.0 (NF4 code 15) times a
-    scale of blocksize 1, the product is the value itself."""
+    the exact ties between float16 neighbours: each value is the scale of a block of 2 whose
+    codes are 15 (NF4's level 1.0), so both its elements decode to the value itself. (Blocks
+    of 2, not 1: a blocksize of 1 is half a byte and is decoded in NumPy, cast by torch.)"""
     start, stop = np.float32(2.0**-27).view(np.uint32), np.float32(65504.0).view(np.uint32)
     patterns = np.arange(start, stop, 61, dtype=np.uint32)
     halves = np.arange(1, 0x7BFF, dtype=np.uint16).view(np.float16).astype(np.float32)
     ties = (halves[:-1] + (halves[1:] - halves[:-1]) / 2).astype(np.float32)  # exact midpoints
     values = np.concatenate([patterns.view(np.float32), ties, [0.0, 65504.0]]).astype(np.float32)
     values = np.concatenate([values, -values])
-    packed = torch.full(((values.size + 1) // 2,), 0xFF, dtype=torch.uint8)  # code 15 = 1.0
+    packed = torch.full((values.size,), 0xFF, dtype=torch.uint8)  # two codes 15 per block
     decoded = quant_cpu.dequantize(
-        packed, torch.from_numpy(values), None, None, shape=(values.size,), dtype=torch.float16,
-        blocksize=1, quant_type="nf4", double_quant=False,
+        packed, torch.from_numpy(values), None, None, shape=(2 * values.size,),
+        dtype=torch.float16, blocksize=2, quant_type="nf4", double_quant=False,
     )  # fmt: skip
-    expected = torch.from_numpy(values).to(torch.float16)
+    expected = torch.from_numpy(np.repeat(values, 2)).to(torch.float16)
     assert torch.equal(decoded.view(torch.int16), expected.view(torch.int16))
 
 
@@ -214,13 +238,14 @@ def test_many_chunks_on_threads_equal_the_numpy_reference(
     assert torch.equal(dequantize_4bit(ours), torch.from_numpy(values).to(dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_chunks_on_several_threads_equal_one_thread(monkeypatch, dtype):
     """The test run uses one torch thread (conftest), which runs the chunks in a loop: here
     three threads share them, and the results must not change."""
     monkeypatch.setattr(quant_cpu, "_QUANTIZE_CHUNK", 64)
     monkeypatch.setattr(quant_cpu, "_DEQUANTIZE_CHUNK", 128)
-    w = torch.randn(20_001, generator=torch.Generator().manual_seed(2)).to(dtype)
+    # the C++ kernels share blocks among threads from 2 ** 16 elements on
+    w = torch.randn(200_001, generator=torch.Generator().manual_seed(2)).to(dtype)
     one = quantize_4bit(w, blocksize=64)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
