@@ -16,9 +16,11 @@ a read-only cache), `kernels()` returns None and says why in `unavailable_reason
 else changes.
 """
 
+import contextlib
 import ctypes
 import hashlib
 import platform
+import time
 from functools import cache
 from pathlib import Path
 
@@ -34,6 +36,7 @@ _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 _SOURCE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _OUT_KINDS = {"float32": 0, "bfloat16": 1, "float16": 2}
 _DYNAMIC = dynamic_map()  # float32 [256]: double quantization's table
+_STALE_LOCK_S = 300.0  # a build lock older than this was left by a killed process
 _failure: list[str] = []  # why the build failed, once
 
 
@@ -46,6 +49,16 @@ def _cpu_signature() -> str:
         return platform.machine() + platform.processor()
     wanted = ("model name", "flags", "Features", "CPU part")
     return "\n".join(sorted({line for line in lines if line.startswith(wanted)}))
+
+
+def _remove_stale_lock(build_directory: Path) -> None:
+    """cpp_extension waits, without end, while its build folder holds a `lock` file; a process
+    killed during the build (Ctrl-C, a timeout) leaves one behind. A build takes seconds: a
+    lock older than `_STALE_LOCK_S` is such a leftover and is removed."""
+    lock = build_directory / "lock"
+    with contextlib.suppress(FileNotFoundError):
+        if time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+            lock.unlink()
 
 
 @cache
@@ -61,8 +74,10 @@ def kernels() -> ctypes.CDLL | None:
         from torch.utils import cpp_extension
 
         digest = hashlib.sha256(_SOURCE.read_bytes() + _cpu_signature().encode()).hexdigest()
+        name = f"lowrank_quant_{digest[:16]}"
+        _remove_stale_lock(Path(cpp_extension._get_build_directory(name, False)))
         path = cpp_extension.load(
-            name=f"lowrank_quant_{digest[:16]}",
+            name=name,
             sources=[str(_SOURCE)],
             extra_cflags=_FLAGS,
             extra_ldflags=["-fopenmp"],

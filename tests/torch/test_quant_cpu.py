@@ -304,3 +304,20 @@ def test_cpu_path_equals_tensor_path_and_numpy_on_any_floats(
     if dtype == torch.float32:
         expected = quant.reference.dequantize_4bit(ref)
         np.testing.assert_array_equal(fast.numpy().view(np.uint32), expected.view(np.uint32))
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    """torch's cpp_extension waits without end on a `lock` file that a killed build left; one
+    older than five minutes is removed before building, a fresh one (a build running now) kept."""
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    quant_native._remove_stale_lock(tmp_path)
+    assert lock.exists()
+    old = time.time() - 10 * 60
+    os.utime(lock, (old, old))
+    quant_native._remove_stale_lock(tmp_path)
+    assert not lock.exists()
+    quant_native._remove_stale_lock(tmp_path)  # no lock: nothing to do
