@@ -77,7 +77,7 @@ struct Float16Source {
   uint32_t operator()(int64_t j) const { return as_bits(static_cast<float>(data[j])); }
 };
 
-// quant_cpu._quantize_4bit: blocks [first, last) of whole blocks to packed codes.
+// quant_numba._quantize_4bit: blocks [first, last) of whole blocks to packed codes.
 template <class Source>
 void quantize_blocks(const Source& source, int64_t first, int64_t last, int64_t blocksize,
                      const float* midpoints_in, const uint8_t* order, float* absmax,
@@ -117,7 +117,7 @@ void quantize_blocks(const Source& source, int64_t first, int64_t last, int64_t 
   }
 }
 
-// quant_cpu._quantize_codes: blocks [first, last) of n elements to one code per element by
+// quant_numba._quantize_codes: blocks [first, last) of n elements to one code per element by
 // the 16-bit cell lookup (below[cell] + (scaled > threshold[cell])); the last block may be
 // short, and a short block is divided by its absmax, as bitsandbytes does.
 template <class Source>
@@ -164,7 +164,7 @@ void with_source(const void* source, int source_kind, const Work& work) {
     work(Float16Source{static_cast<const _Float16*>(source)});
 }
 
-// quant_cpu._float16_bits: float32 bits -> float16 bits, nearest even, subnormals included.
+// quant_numba._float16_bits: float32 bits -> float16 bits, nearest even, subnormals included.
 inline uint16_t float16_bits(uint32_t bits) {
   const uint32_t sign = (bits >> 16) & 0x8000u;
   const int64_t magnitude = bits & kSignCleared;
@@ -211,7 +211,7 @@ struct Scales {
   }
 };
 
-// quant_cpu._dequantize_float32 / _dequantize_16bit: each block makes its 16 values once,
+// quant_numba._dequantize_float32 / _dequantize_16bit: each block makes its 16 values once,
 // then each byte of codes picks two (high nibble first). Out is float32, or the bits of
 // bfloat16 / float16 rounded from the float32 product as torch's cast rounds.
 template <class Out, class Round>

@@ -19,7 +19,9 @@ else changes.
 import contextlib
 import ctypes
 import hashlib
+import logging
 import platform
+import re
 import time
 from functools import cache
 from pathlib import Path
@@ -63,13 +65,17 @@ def _remove_stale_lock(build_directory: Path) -> None:
 
 @cache
 def kernels() -> ctypes.CDLL | None:
-    """The compiled library, built on the first call; None where it cannot be built.
+    """The compiled library, built on the first call; None where it cannot be built (then
+    `unavailable_reason()` says why; torch's own build warnings are kept quiet).
 
     Examples:
         >>> library = kernels()  # None where no C++ compiler with OpenMP, or no ninja, is
         >>> (library is None) == (unavailable_reason() is not None)
         True
     """
+    builder = logging.getLogger("torch.utils.cpp_extension")
+    level = builder.level
+    builder.setLevel(logging.ERROR)  # its compiler-compatibility warnings: the reason says it
     try:
         from torch.utils import cpp_extension
 
@@ -86,8 +92,10 @@ def kernels() -> ctypes.CDLL | None:
         )
         library = ctypes.CDLL(path)
     except Exception as error:  # a compiler, ninja or the cache missing: numba's loops run
-        _failure.append(f"{type(error).__name__}: {str(error).strip().splitlines()[-1:]}")
+        _failure.append(_reason(error))
         return None
+    finally:
+        builder.setLevel(level)
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     library.lowrank_quantize_4bit.argtypes = [
         pointer, ctypes.c_int, size, size, pointer, pointer, pointer, pointer, ctypes.c_int
@@ -100,6 +108,18 @@ def kernels() -> ctypes.CDLL | None:
         ctypes.c_int, pointer, ctypes.c_int,
     ]  # fmt: skip
     return library
+
+
+def _reason(error: Exception) -> str:
+    """One line from a failed build: the compiler's or the shell's complaint where the message
+    has one ("... g++: not found", "... error: ..."), else its last line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    complaints = [
+        line
+        for line in lines[1:] or lines
+        if re.search(r"error|not found|no such file", line, re.IGNORECASE)
+    ]
+    return f"{type(error).__name__}: {(complaints[:1] or lines[-1:] or [''])[0]}"
 
 
 def unavailable_reason() -> str | None:
@@ -129,7 +149,7 @@ def quantize_4bit(
 ) -> None:
     """Quantize `absmax.size` whole blocks of the CPU tensor `source` (contiguous float32,
     bfloat16 or float16, [n_blocks * blocksize] or more) into packed uint8
-    [n_blocks * blocksize / 2] and absmax float32 [n_blocks]: `quant_cpu._quantize_4bit`'s
+    [n_blocks * blocksize / 2] and absmax float32 [n_blocks]: `quant_numba._quantize_4bit`'s
     codes (blocksize even). midpoints float32 [15], order uint8 [16]: as in `_search_table`.
 
     Examples:
@@ -163,7 +183,7 @@ def quantize_codes(
 ) -> None:
     """Quantize every element of the CPU tensor `source` (contiguous float32, bfloat16 or
     float16, [n]; the last block may be short) to one uint8 code, codes [n], absmax float32
-    [ceil(n / blocksize)]: `quant_cpu._quantize_codes`'s codes, by the same cell lookup
+    [ceil(n / blocksize)]: `quant_numba._quantize_codes`'s codes, by the same cell lookup
     (below uint8 [65536], threshold float32 [65536], order uint8: `quant_cpu._search_table`).
 
     Examples:

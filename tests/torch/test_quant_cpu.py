@@ -14,7 +14,7 @@ from hypothesis.extra import numpy as hnp
 from quant_bounds import BFLOAT16_MAX, EDGE_VALUES
 
 from lowrank.numpy import codebooks as np_codebooks
-from lowrank.torch import codebooks, quant, quant_cpu, quant_native
+from lowrank.torch import codebooks, quant, quant_cpu, quant_native, quant_numba
 from lowrank.torch.codebooks import code_for
 from lowrank.torch.quant import dequantize_4bit, quantize_4bit
 from lowrank.torch.quantized import Quantized4bit
@@ -129,7 +129,7 @@ def test_float16_rounding_equals_torch_cast():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_cpu_dequantize_equals_tensor_dequantize(monkeypatch, quant_type, dtype, double_quant):
-    monkeypatch.setattr(quant_cpu, "_DEQUANTIZE_CHUNK", 128)  # many chunks, and one short block
+    monkeypatch.setattr(quant_numba, "_DEQUANTIZE_CHUNK", 128)  # many chunks, and one short block
     for shape, blocksize in [((1,), 64), ((7,), 2), ((33, 77), 64), ((3, 1001), 128)]:
         w = weights(int(np.prod(shape))).reshape(shape).to(dtype)
         q = quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, double_quant=double_quant)
@@ -173,7 +173,7 @@ def edge_weights(n: int) -> torch.Tensor:
 @pytest.mark.parametrize("table", ["nf4", "fp4", "int4", "dynamic"])
 @pytest.mark.parametrize("n,blocksize", [(300, 2), (1000, 64), (20001, 64), (999, 1)])
 def test_cpu_blocks_equal_tensor_blocks_at_the_edges(monkeypatch, table, n, blocksize):
-    monkeypatch.setattr(quant_cpu, "_QUANTIZE_CHUNK", 256)  # chunk seams, short last blocks
+    monkeypatch.setattr(quant_numba, "_QUANTIZE_CHUNK", 256)  # chunk seams, short last blocks
     x = edge_weights(n)
     codes_cpu, absmax_cpu = quant_cpu.quantize_blocks(x, blocksize, table)
     codes, absmax = quant._quantize_blocks(x, blocksize, table)
@@ -199,7 +199,7 @@ def test_cpu_dequantize_equals_tensor_dequantize_at_the_edges(
 ):
     """Values at float32's max (and so beyond float16's and bfloat16's, whose scales are then
     clamped to the dtype's max), subnormal blocks: both decoders give the same finite bits."""
-    monkeypatch.setattr(quant_cpu, "_DEQUANTIZE_CHUNK", 128)
+    monkeypatch.setattr(quant_numba, "_DEQUANTIZE_CHUNK", 128)
     limit = torch.finfo(dtype).max
     x = edge_weights(3001).clamp(-limit, limit).to(dtype)
     q = quantize_4bit(x, blocksize=64, quant_type=quant_type, double_quant=double_quant)
@@ -224,8 +224,8 @@ def test_many_chunks_on_threads_equal_the_numpy_reference(
     (and a short last block) so chunk seams are covered. Oracle: lowrank.numpy, unchunked."""
     from lowrank.numpy import quant as reference
 
-    monkeypatch.setattr(quant_cpu, "_QUANTIZE_CHUNK", 64)
-    monkeypatch.setattr(quant_cpu, "_DEQUANTIZE_CHUNK", 128)
+    monkeypatch.setattr(quant_numba, "_QUANTIZE_CHUNK", 64)
+    monkeypatch.setattr(quant_numba, "_DEQUANTIZE_CHUNK", 128)
     w = torch.randn(10_001, generator=torch.Generator().manual_seed(1)).to(dtype)
     ours = quantize_4bit(w, blocksize=64, quant_type=quant_type, double_quant=double_quant)
     expected = reference.quantize_4bit(
@@ -242,8 +242,8 @@ def test_many_chunks_on_threads_equal_the_numpy_reference(
 def test_chunks_on_several_threads_equal_one_thread(monkeypatch, dtype):
     """The test run uses one torch thread (conftest), which runs the chunks in a loop: here
     three threads share them, and the results must not change."""
-    monkeypatch.setattr(quant_cpu, "_QUANTIZE_CHUNK", 64)
-    monkeypatch.setattr(quant_cpu, "_DEQUANTIZE_CHUNK", 128)
+    monkeypatch.setattr(quant_numba, "_QUANTIZE_CHUNK", 64)
+    monkeypatch.setattr(quant_numba, "_DEQUANTIZE_CHUNK", 128)
     # the C++ kernels share blocks among threads from 2 ** 16 elements on
     w = torch.randn(200_001, generator=torch.Generator().manual_seed(2)).to(dtype)
     one = quantize_4bit(w, blocksize=64)
@@ -259,7 +259,7 @@ def test_chunks_on_several_threads_equal_one_thread(monkeypatch, dtype):
 
 
 def test_non_finite_value_in_a_later_chunk_is_caught(monkeypatch):
-    monkeypatch.setattr(quant_cpu, "_QUANTIZE_CHUNK", 64)
+    monkeypatch.setattr(quant_numba, "_QUANTIZE_CHUNK", 64)
     w = torch.randn(5_000)
     w[4_321] = float("inf")
     with pytest.raises(ValueError, match="NaN or inf"):
@@ -306,9 +306,11 @@ def test_cpu_path_equals_tensor_path_and_numpy_on_any_floats(
         np.testing.assert_array_equal(fast.numpy().view(np.uint32), expected.view(np.uint32))
 
 
-def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(kernels, tmp_path):
     """torch's cpp_extension waits without end on a `lock` file that a killed build left; one
     older than five minutes is removed before building, a fresh one (a build running now) kept."""
+    if kernels == "numba":
+        pytest.skip("about the build: once is enough")
     import os
     import time
 
@@ -321,3 +323,35 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
     quant_native._remove_stale_lock(tmp_path)
     assert not lock.exists()
     quant_native._remove_stale_lock(tmp_path)  # no lock: nothing to do
+
+
+def test_without_a_compiler_numba_runs_quietly_and_gives_the_same_bits(kernels, tmp_path):
+    """A fresh machine with no C++ compiler: `kernels()` is None with the shell's complaint as
+    its reason, torch's build warnings stay quiet, and quantize and dequantize give the tensor
+    path's bits through numba. (A fresh process: the library is cached once loaded.)"""
+    if kernels == "numba":
+        pytest.skip("builds in its own process: once is enough")
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from lowrank.torch import quant, quant_native
+from lowrank.torch.quant import dequantize_4bit, quantize_4bit
+assert quant_native.kernels() is None
+print(quant_native.unavailable_reason())
+w = torch.randn(300, 70, generator=torch.Generator().manual_seed(0))
+q = quantize_4bit(w.to(torch.float16), blocksize=64)
+packed, absmax = quant._quantize_blocks(w.to(torch.float16).reshape(-1), 64, "nf4", pack=True)
+assert torch.equal(q.packed, packed)
+assert torch.equal(dequantize_4bit(q), quant._dequantize(q))
+"""
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"))
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "extensions")  # no cached build to find
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "no-such-compiler: not found" in done.stdout
+    assert "WARNING" not in done.stderr, done.stderr
