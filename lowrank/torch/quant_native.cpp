@@ -77,6 +77,29 @@ struct Float16Source {
   uint32_t operator()(int64_t j) const { return as_bits(static_cast<float>(data[j])); }
 };
 
+// Reads `size` elements from `start` into v as float32 and returns their absmax: the largest
+// sign-cleared bit pattern (the bits of non-negative floats order as their values, NaN above inf).
+template <class Source>
+inline float load_block(const Source& source, int64_t start, int64_t size, float* __restrict v) {
+  uint32_t top = 0;
+  for (int64_t j = 0; j < size; ++j) {
+    const uint32_t word = source(start + j);
+    v[j] = as_float(word);
+    top = std::max(top, word & kSignCleared);
+  }
+  return as_float(top);
+}
+
+// Scales a whole block's values in place as lowrank.numpy.quant does: times 1 / absmax, a block
+// below 1e-38 (no float32 reciprocal) first lifted by 2 ** 64, exactly.
+inline void scale_block(float* __restrict v, int64_t size, float block_absmax) {
+  const bool lift = block_absmax > 0 && block_absmax < kTiny;
+  const float before = lift ? kLift : 1.0f;
+  const float inverse =
+      lift ? 1.0f / (block_absmax * kLift) : 1.0f / std::max(block_absmax, kTiny);
+  for (int64_t j = 0; j < size; ++j) v[j] = (v[j] * before) * inverse;
+}
+
 // quant_numba._quantize_4bit: blocks [first, last) of whole blocks to packed codes.
 template <class Source>
 void quantize_blocks(const Source& source, int64_t first, int64_t last, int64_t blocksize,
@@ -92,21 +115,11 @@ void quantize_blocks(const Source& source, int64_t first, int64_t last, int64_t 
   int32_t* __restrict c = codes.data();
   for (int64_t block = first; block < last; ++block) {
     const int64_t start = block * blocksize;
-    uint32_t top = 0;  // the largest sign-cleared bit pattern is the absmax (NaN above inf)
+    absmax[block] = load_block(source, start, blocksize, v);
+    scale_block(v, blocksize, absmax[block]);
     for (int64_t j = 0; j < blocksize; ++j) {
-      const uint32_t word = source(start + j);
-      v[j] = as_float(word);
-      top = std::max(top, word & kSignCleared);
-    }
-    const float block_absmax = as_float(top);
-    absmax[block] = block_absmax;
-    const bool lift = block_absmax > 0 && block_absmax < kTiny;
-    const float before = lift ? kLift : 1.0f;
-    const float inverse = lift ? 1.0f / (block_absmax * kLift) : 1.0f / std::max(block_absmax, kTiny);
-    for (int64_t j = 0; j < blocksize; ++j) {
-      const float scaled = (v[j] * before) * inverse;
       int32_t count = 0;  // midpoints strictly below: torch.bucketize's position
-      for (int k = 0; k < 15; ++k) count += scaled > midpoints[k];
+      for (int k = 0; k < 15; ++k) count += v[j] > midpoints[k];
       c[j] = count;
     }
     if (!identity)  // FP4: sorted position -> code
@@ -128,23 +141,13 @@ void quantize_code_blocks(const Source& source, int64_t n, int64_t first, int64_
   float* __restrict v = values.data();
   for (int64_t block = first; block < last; ++block) {
     const int64_t start = block * blocksize, size = std::min(blocksize, n - start);
-    uint32_t top = 0;
-    for (int64_t j = 0; j < size; ++j) {
-      const uint32_t word = source(start + j);
-      v[j] = as_float(word);
-      top = std::max(top, word & kSignCleared);
-    }
-    const float block_absmax = as_float(top);
+    const float block_absmax = load_block(source, start, size, v);
     absmax[block] = block_absmax;
     if (size < blocksize) {
       const float divisor = block_absmax > 0 ? block_absmax : kTiny;
       for (int64_t j = 0; j < size; ++j) v[j] = v[j] / divisor;
     } else {
-      const bool lift = block_absmax > 0 && block_absmax < kTiny;
-      const float before = lift ? kLift : 1.0f;
-      const float inverse =
-          lift ? 1.0f / (block_absmax * kLift) : 1.0f / std::max(block_absmax, kTiny);
-      for (int64_t j = 0; j < size; ++j) v[j] = (v[j] * before) * inverse;
+      scale_block(v, size, block_absmax);
     }
     for (int64_t j = 0; j < size; ++j) {
       const uint32_t cell = as_bits(v[j]) >> 16;
