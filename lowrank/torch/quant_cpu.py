@@ -148,24 +148,22 @@ def dequantize(
     scales = None if native and whole == absmax.numel() else _clamped_scales(
         absmax, offset, absmax2, double_quant, limit
     )  # fmt: skip
-    direct = dtype in (torch.bfloat16, torch.float16) and (
-        _scales_have_no_nan(absmax, offset, absmax2, double_quant)
-        if scales is None
-        else not np.isnan(scales).any()
+    direct = dtype in (torch.bfloat16, torch.float16) and _scales_have_no_nan(
+        absmax, offset, absmax2, double_quant
     )
     out = np.empty(n, np.uint16 if direct else np.float32)  # bfloat16 and float16 as bits
+    out_kind = str(dtype).removeprefix("torch.") if direct else "float32"
+    threads = torch.get_num_threads()
     if native:  # the C++ kernels rebuild and clamp each block's scale themselves
         quant_native.dequantize_4bit(
             packed, absmax.contiguous().numpy(),
             absmax2.contiguous().numpy() if double_quant else None,
             float(offset) if double_quant else 0.0, limit, whole, blocksize, levels,
-            out[: whole * blocksize], str(dtype).removeprefix("torch.") if direct else "float32",
-            torch.get_num_threads(),
+            out[: whole * blocksize], out_kind, threads,
         )  # fmt: skip
     elif whole:  # numba: the clamped scales made above
         quant_numba.dequantize_4bit(
-            packed, scales[:whole], blocksize, levels, out[: whole * blocksize],
-            str(dtype).removeprefix("torch.") if direct else "float32", torch.get_num_threads(),
+            packed, scales[:whole], blocksize, levels, out[: whole * blocksize], out_kind, threads
         )  # fmt: skip
     if whole * blocksize < n:  # a short last block, in NumPy (torch rounds it if 16-bit)
         start = whole * blocksize

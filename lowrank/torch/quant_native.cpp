@@ -1,7 +1,7 @@
 // The CPU 4-bit kernels of lowrank.torch.quant_cpu in C++, run on PyTorch's own OpenMP threads.
 //
 // Paper: Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs" (arXiv:2305.14314).
-// The same float32 arithmetic, block for block, as quant_cpu's numba loops (whose docstrings
+// The same float32 arithmetic, block for block, as quant_numba.py's loops (whose docstrings
 // explain each step) and as lowrank/numpy/quant.py, the readable reference; only where the work
 // runs changes. Built on first use by lowrank/torch/quant_native.py (torch.utils.cpp_extension,
 // -O3 -march=native -ffp-contract=off: no fused multiply-add, so every product rounds as

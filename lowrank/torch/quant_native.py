@@ -1,11 +1,11 @@
 """Builds and loads `quant_native.cpp`, the CPU 4-bit kernels that run on PyTorch's own OpenMP
-threads, and calls them on NumPy arrays (the memory of CPU tensors).
+threads, and calls them on the memory of CPU tensors and NumPy arrays.
 
 Paper: Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs" (arXiv:2305.14314).
-`quant_cpu` calls `quantize_4bit` and `dequantize_4bit` here for whole blocks when `kernels()`
-finds the library, and its numba loops otherwise; both give the same bits (tests/torch/
-test_quant_cpu.py runs every test on both). The .cpp says why C++: the loops share the cores
-with PyTorch's pool instead of competing with it.
+`quant_cpu` calls `quantize_4bit`, `quantize_codes` and `dequantize_4bit` here when `kernels()`
+finds the library, and `quant_numba`'s (the same names and arguments) otherwise; both give the
+same bits (tests/torch/test_quant_cpu.py runs every test on both). The .cpp says why C++: the
+loops share the cores with PyTorch's pool instead of competing with it.
 
 The library is compiled once per machine with `torch.utils.cpp_extension.load` (g++ or clang
 with OpenMP, and ninja; about 5 s) into PyTorch's extension cache (`TORCH_EXTENSIONS_DIR`,
@@ -126,7 +126,7 @@ def unavailable_reason() -> str | None:
     """Why `kernels()` found no library (None when it did, or before it was asked).
 
     Examples:
-        >>> reason = unavailable_reason()  # e.g. "RuntimeError: ['Ninja is required ...']"
+        >>> reason = unavailable_reason()  # e.g. "RuntimeError: /bin/sh: 1: g++: not found"
         >>> reason is None or isinstance(reason, str)
         True
     """
